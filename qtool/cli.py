@@ -1,0 +1,250 @@
+"""The command line: thin Click commands over qtool.pipeline and qtool.report.
+
+This is the one place that prints, maps errors to exit codes (0 ok, 1 a report threshold
+failed, 2 bad usage or input) and exits. numpy and rich are imported inside the commands so
+that ``qtool --version`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from qtool import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from qtool.pipeline import TensorResult
+
+EXIT_OK, EXIT_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
+
+SCHEME_CHOICES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
+
+
+def _err_console(quiet: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _fail(msg: str) -> None:
+    """Print a one-line error on stderr (never silenced by --quiet)."""
+    click.echo(f"qtool: error: {_one_line(msg)}", err=True)
+
+
+class QtoolGroup(click.Group):
+    """Maps every expected error to a one-line message and an exit code, never a traceback."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "qtool",
+                              complete_var=complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as e:
+            _fail(e.format_message())
+            sys.exit(EXIT_BAD_INPUT)
+        except click.exceptions.Abort:
+            _fail("aborted")
+            sys.exit(130)
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written")
+            sys.exit(130)
+        except BrokenPipeError:
+            # The reader of stdout went away (e.g. `| head`): not an error of ours.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_OK)
+        except Exception as e:
+            if _is_input_error(e):
+                _fail(str(e))
+                sys.exit(EXIT_BAD_INPUT)
+            raise
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+def _is_input_error(e: BaseException) -> bool:
+    # Imported lazily: the error classes live below numpy-importing modules.
+    from qtool.io import CheckpointError
+    from qtool.schemes import SpecError
+
+    return isinstance(e, CheckpointError | SpecError | OSError | click.ClickException)
+
+
+@click.group(cls=QtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="qtool")
+def cli() -> None:
+    """qtool: post-training quantization of safetensors checkpoints.
+
+    \b
+      qtool quantize in.safetensors out/ --scheme gnmt
+      qtool dequantize out/ restored.safetensors
+      qtool report out/
+    """
+
+
+def spec_options(f: Any) -> Any:
+    """The options that make a QuantSpec, shared by `quantize` and `report`'s dry run."""
+    opts = [
+        click.option("--granularity", "-g", type=click.Choice(["tensor", "channel", "group"]),
+                     default="channel", show_default=True,
+                     help="One scale per tensor, per row (output channel) or per group of "
+                          "--group-size values along a row. gnmt is always per row."),
+        click.option("--bits", "-b", type=click.IntRange(2, 8), default=8, show_default=True,
+                     help="Bit width (2-8); below 8, values are bit-packed. gnmt is 8-bit only."),
+        click.option("--group-size", type=click.IntRange(1), default=128, show_default=True,
+                     help="Values per group with --granularity group."),
+        click.option("--range", "range_", type=click.Choice(["minmax", "percentile", "mse"]),
+                     default="minmax", show_default=True,
+                     help="How to pick the clipping range: min/max, a percentile of |w|, or "
+                          "the clip that minimises the squared error."),
+        click.option("--percentile", type=float, default=99.99, show_default=True,
+                     help="Percentile of |w| for --range percentile."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_: str,
+               percentile: float) -> Any:
+    from qtool.schemes import QuantSpec
+
+    return QuantSpec(scheme=scheme, bits=bits, granularity=granularity, group_size=group_size,
+                     range=range_, percentile=percentile)
+
+
+def _progress(results: Iterator[TensorResult], total: int, total_bytes: int, label: str,
+              show: bool) -> Iterator[TensorResult]:
+    """Wrap a result stream in a Rich progress bar on stderr, shown only on a TTY."""
+    if not show:
+        yield from results
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("tensors"), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=_err_console(), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        done_bytes = 0
+        for r in results:
+            done_bytes += r.input_bytes
+            # Speed and ETA are in bytes; the bar advances by tensors.
+            bar.update(task, advance=1)
+            bar.tasks[task].fields["bytes"] = done_bytes
+            yield r
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--scheme", "-s", type=click.Choice(SCHEME_CHOICES), default="symmetric",
+              show_default=True, help="Quantization scheme (see README for the formulas).")
+@spec_options
+@click.option("--skip", multiple=True, metavar="GLOB",
+              help="Keep tensors whose name matches in float (repeatable).")
+@click.option("--only", multiple=True, metavar="GLOB",
+              help="Quantize only tensors whose name matches (repeatable).")
+@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+              help="TOML file of per-tensor rules (see docs/RECIPES.md).")
+@click.option("--allow-unused-rules", is_flag=True,
+              help="A recipe rule that matches nothing is a warning, not an error.")
+@click.option("--nan-policy", type=click.Choice(["error", "skip"]), default="error",
+              show_default=True,
+              help="A tensor with NaN/inf: fail, or keep it in float (costs one extra read).")
+@click.option("--jobs", "-j", type=click.IntRange(0), default=0,
+              help="Worker threads (default 0: one per core). Output is identical for any N.")
+@click.option("--source-digest", is_flag=True,
+              help="Also record the sha256 of the whole source file(s) (reads them once more).")
+@click.option("--force", is_flag=True, help="Replace an earlier qtool artifact in OUT_DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
+def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
+             group_size: int, range_: str, percentile: float, skip: tuple[str, ...],
+             only: tuple[str, ...], recipe: Path | None, allow_unused_rules: bool,
+             nan_policy: str, jobs: int, source_digest: bool, force: bool, as_json: bool,
+             quiet: bool) -> int:
+    """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
+    holding either) into the artifact directory OUT_DIR."""
+    from qtool.pipeline import QuantizeOptions, make_plan, quantize_checkpoint
+
+    spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
+    rules: tuple = ()
+    if recipe is not None:
+        from qtool.pipeline import load_recipe
+
+        rules = load_recipe(recipe)
+    opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=rules,
+                           allow_unused_rules=allow_unused_rules, jobs=jobs,
+                           source_digest=source_digest, nan_policy=nan_policy, force=force)
+    t0 = time.perf_counter()
+    results = quantize_checkpoint(src, out_dir, opts)
+    from qtool.io import open_checkpoint
+
+    plan = make_plan(open_checkpoint(src), opts)
+    console = _err_console(quiet)
+    for w in plan.warnings:
+        console.print(f"qtool: warning: {w}")
+    records = [r.record for r in _progress(results, len(plan.items), plan.total_bytes,
+                                           "quantize", _show_progress(quiet))]
+    seconds = time.perf_counter() - t0
+    from qtool.report import quantize_summary, render_summary
+
+    summary = quantize_summary(records, Path(out_dir), seconds)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    console.print(render_summary(summary))
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("art_dir", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["original", "float32", "float16", "bfloat16"]),
+              default="original", show_default=True,
+              help="dtype of the restored float tensors (integer tensors keep theirs).")
+@click.option("--jobs", "-j", type=click.IntRange(0), default=0,
+              help="Worker threads (default 0: one per core).")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
+def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, quiet: bool) -> int:
+    """Restore a float checkpoint from the artifact ART_DIR into OUT (a .safetensors file, or
+    a directory for a sharded artifact)."""
+    from qtool.artifact import Artifact
+    from qtool.pipeline import dequantize_artifact
+
+    t0 = time.perf_counter()
+    results = dequantize_artifact(art_dir, out, dtype, jobs)
+    m = Artifact.open(art_dir).manifest
+    total = sum(t.original_bytes for t in m.tensors)
+    n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
+                                 _show_progress(quiet)))
+    _err_console(quiet).print(
+        f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s"
+    )
+    return EXIT_OK
+
+
+def main() -> None:
+    cli.main(prog_name="qtool")

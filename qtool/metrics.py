@@ -1,0 +1,95 @@
+"""Error statistics of a quantized tensor, accumulated block by block.
+
+Numeric core: numpy in, plain numbers out. Sums are kept in float64 and merged in a fixed
+order, so the figures are identical whatever the number of worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class ErrorStats:
+    """Sufficient statistics for MSE, SQNR, max error and cosine similarity.
+
+    ``cross`` is sum(w * (w_hat - w)); with it, sum(w * w_hat) and sum(w_hat ** 2) follow
+    without a second pass and without the cancellation of subtracting two large sums.
+    """
+
+    count: int = 0
+    signal_sq: float = 0.0
+    error_sq: float = 0.0
+    cross: float = 0.0
+    max_abs_error: float = 0.0
+
+    @classmethod
+    def of(cls, w: np.ndarray, err: np.ndarray) -> ErrorStats:
+        """Statistics of one block: ``w`` the original values, ``err`` = w_hat - w (same shape)."""
+        w1 = w.reshape(-1)
+        e1 = err.reshape(-1)
+        if e1.size == 0:
+            return cls()
+        return cls(
+            count=int(w1.size),
+            signal_sq=float(np.dot(w1, w1)),
+            error_sq=float(np.dot(e1, e1)),
+            cross=float(np.dot(w1, e1)),
+            max_abs_error=float(max(e1.max(), -e1.min())),
+        )
+
+    @classmethod
+    def between(cls, w: np.ndarray, w_hat: np.ndarray) -> ErrorStats:
+        w64 = np.asarray(w, dtype=np.float64)
+        return cls.of(w64, np.asarray(w_hat, dtype=np.float64) - w64)
+
+    def merge(self, other: ErrorStats) -> ErrorStats:
+        return ErrorStats(
+            self.count + other.count,
+            self.signal_sq + other.signal_sq,
+            self.error_sq + other.error_sq,
+            self.cross + other.cross,
+            max(self.max_abs_error, other.max_abs_error),
+        )
+
+    @property
+    def mse(self) -> float:
+        return self.error_sq / self.count if self.count else 0.0
+
+    @property
+    def sqnr_db(self) -> float:
+        """10 log10(sum w^2 / sum err^2); +inf for an exact round trip (never NaN)."""
+        if self.error_sq == 0.0:
+            return math.inf
+        if self.signal_sq == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal_sq / self.error_sq)
+
+    @property
+    def cosine(self) -> float:
+        """cos(w, w_hat); 1.0 when both are all zero, 0.0 when only one is."""
+        dot = self.signal_sq + self.cross
+        recon_sq = max(self.signal_sq + 2.0 * self.cross + self.error_sq, 0.0)
+        if self.signal_sq == 0.0 and recon_sq == 0.0:
+            return 1.0
+        if self.signal_sq == 0.0 or recon_sq == 0.0:
+            return 0.0
+        return max(-1.0, min(1.0, dot / math.sqrt(self.signal_sq * recon_sq)))
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        d: dict[str, float | int | None] = dict(asdict(self))
+        sqnr = self.sqnr_db
+        d.update(mse=self.mse, sqnr_db=None if math.isinf(sqnr) else sqnr, cosine=self.cosine)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ErrorStats:
+        return cls(int(d["count"]), float(d["signal_sq"]), float(d["error_sq"]),
+                   float(d["cross"]), float(d["max_abs_error"]))
+
+
+def sqnr_db(w: np.ndarray, w_hat: np.ndarray) -> float:
+    return ErrorStats.between(w, w_hat).sqnr_db

@@ -1,0 +1,241 @@
+"""qtool.quant: the notes' worked examples digit for digit, and properties of every scheme."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from qtool.quant import dequantize, quantize, quantize_fixed
+from qtool.schemes import QuantSpec, dequantize_values
+
+# The example tensor of ../shared/quantization-notes.md
+NOTES_W = np.array(
+    [[0.0114, -0.0231, 0.0445], [0.0000, 0.0000, 0.0000], [-0.0409, -0.0435, -0.0400]],
+    dtype=np.float32,
+)
+
+
+def test_gnmt_worked_example_from_notes():
+    qt = quantize(NOTES_W, QuantSpec("gnmt"))
+    assert qt.data.dtype == np.int8
+    np.testing.assert_array_equal(
+        qt.data, [[33, -66, 127], [0, 0, 0], [-119, -127, -117]]
+    )
+    # The notes' "scale" is 127/absmax, the reciprocal of the stored scale.
+    np.testing.assert_allclose(
+        1.0 / qt.scale.ravel().astype(np.float64), [2853.9326, 1.0, 2919.5403], rtol=1e-6
+    )
+    assert qt.scale.shape == (3, 1) and qt.scale.dtype == np.float32
+    np.testing.assert_array_equal(qt.zero_point, np.zeros((3, 1), np.int32))
+
+
+def test_gnmt_intermediate_products_match_notes():
+    # "multiply weights and scale" in the notes, in float32, before rounding.
+    absmax = np.abs(NOTES_W).max(axis=1)
+    absmax[absmax == 0] = 127.0
+    inv = np.float32(127.0) / absmax
+    prod = NOTES_W * inv[:, None]
+    np.testing.assert_allclose(prod[0], [32.534832, -65.92584, 127.0], rtol=1e-7)
+    np.testing.assert_allclose(prod[2], [-119.409195, -127.0, -116.78161], rtol=1e-7)
+    # and qtool's q is exactly the rounding of those products
+    np.testing.assert_array_equal(quantize(NOTES_W, QuantSpec("gnmt")).data, np.rint(prod))
+
+
+def test_fixed_scale_worked_example_from_notes():
+    scale = 1 / 255
+    q = quantize_fixed(NOTES_W, scale)
+    np.testing.assert_array_equal(q, [[3, -6, 11], [0, 0, 0], [-10, -11, -10]])
+    np.testing.assert_allclose(
+        NOTES_W / np.float32(scale),
+        [[2.9070, -5.8905, 11.3475], [0, 0, 0], [-10.4295, -11.0925, -10.2000]],
+        atol=5e-5,
+    )
+    w_hat = dequantize_values(q, np.float32(scale), np.int32(0))
+    np.testing.assert_array_equal(
+        np.round(w_hat, 4),
+        np.array([[0.0118, -0.0235, 0.0431], [0, 0, 0], [-0.0392, -0.0431, -0.0392]],
+                 np.float32),
+    )
+    # The notes print this difference as "W-W^"; its signs are those of W^ - W.
+    np.testing.assert_array_equal(
+        np.round(w_hat - NOTES_W, 4),
+        np.array([[0.0004, -0.0004, -0.0014], [0, 0, 0], [0.0017, 0.0004, 0.0008]],
+                 np.float32),
+    )
+
+
+def _formula_reference(w: np.ndarray, scheme: str, bits: int, per_row: bool):
+    """The issue's formulas written out independently, per tensor or per row, in float64."""
+    rows = w.reshape(w.shape[0], -1).astype(np.float64)
+    units = rows if per_row else rows.reshape(1, -1)
+    qs, ss, zs = [], [], []
+    for u in units:
+        if scheme == "symmetric":
+            s = np.abs(u).max() / (2 ** (bits - 1) - 1)
+            s = np.float32(s if s > 0 else 1.0)
+            z, lo_q, hi_q = 0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        elif scheme == "symmetric-unsigned":
+            s = np.float32(u.max() / (2**bits - 1) or 1.0)
+            z, lo_q, hi_q = 0, 0, 2**bits - 1
+        else:
+            lo, hi = min(u.min(), 0.0), max(u.max(), 0.0)
+            s = np.float32((hi - lo) / (2**bits - 1) or 1.0)
+            z = int(np.clip(np.rint(-lo / np.float64(s)), 0, 2**bits - 1))
+            lo_q, hi_q = 0, 2**bits - 1
+        q = np.clip(np.rint(u.astype(np.float32) / s) + z, lo_q, hi_q)
+        qs.append(q)
+        ss.append(s)
+        zs.append(z)
+    return np.stack(qs).reshape(w.shape), np.array(ss, np.float32), np.array(zs, np.int32)
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "symmetric-unsigned", "asymmetric"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_matches_issue_formulas(scheme, granularity):
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.05, size=(16, 40)).astype(np.float32)
+    if scheme == "symmetric-unsigned":
+        w = np.abs(w)
+    w[3] = 0.0  # an all-zero row
+    qt = quantize(w, QuantSpec(scheme, granularity=granularity))
+    q, s, z = _formula_reference(w, scheme, 8, granularity == "channel")
+    np.testing.assert_array_equal(qt.data, q)
+    np.testing.assert_array_equal(qt.scale.ravel(), s)
+    np.testing.assert_array_equal(qt.zero_point.ravel(), z)
+    assert qt.data.dtype == (np.int8 if scheme == "symmetric" else np.uint8)
+
+
+# --------------------------------------------------------------------------- properties
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+tensors = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=9),
+                     elements=finite)
+SPECS = [QuantSpec(s, granularity=g) for s in ("symmetric", "symmetric-unsigned", "asymmetric")
+         for g in ("tensor", "channel")] + [QuantSpec("gnmt")]
+
+
+def _expand(qt):
+    rows = qt.shape[0]
+    return qt.scale.reshape(rows if qt.scale.ndim else 1, -1), qt.zero_point.reshape(
+        rows if qt.zero_point.ndim else 1, -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=tensors, spec=st.sampled_from(SPECS))
+def test_round_trip_properties(w, spec):
+    if spec.scheme == "symmetric-unsigned":
+        w = np.abs(w)
+    qt = quantize(w, spec)
+    q = qt.values().astype(np.int64)
+    assert q.min() >= spec.qmin and q.max() <= spec.qmax
+    assert np.all(qt.scale > 0) and np.all(np.isfinite(qt.scale))
+    w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, spec, np.float32)
+    assert np.all(np.isfinite(w_hat))
+    s, _ = _expand(qt)
+    w2, e2 = w.reshape(s.shape[0], -1), np.abs(w - w_hat).reshape(s.shape[0], -1)
+    # |w - dequant(q)| <= scale / 2, plus one float32 ulp of the values involved
+    tol = s / 2 * (1 + 4e-7) + np.spacing(np.abs(w2).astype(np.float32))
+    assert np.all(e2 <= tol), (e2 - tol).max()
+    # re-quantizing the dequantized tensor with the stored scale and zero point gives q again
+    again = quantize_fixed_per_unit(w_hat, qt)
+    np.testing.assert_array_equal(again, q)
+    if spec.scheme == "asymmetric":
+        zero_mask = w == 0
+        assert np.all(w_hat[zero_mask] == 0.0)
+
+
+def quantize_fixed_per_unit(w_hat, qt):
+    rows = qt.shape[0]
+    s, z = _expand(qt)
+    x = w_hat.reshape(s.shape[0], -1).astype(np.float32)
+    if qt.spec.scheme == "gnmt":
+        inv = (np.float32(127) / (s * np.float32(127))).astype(np.float32)
+        q = np.rint(x * inv)
+    else:
+        q = np.rint(x / s) + z
+    return np.clip(q, qt.spec.qmin, qt.spec.qmax).reshape(qt.shape).astype(np.int64) if rows else q
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=hnp.arrays(np.float32, (4, 6), elements=finite))
+def test_asymmetric_zero_is_exact(w):
+    w = w.copy()
+    w[0, 0] = 0.0
+    w[-1, -1] = 0.0
+    for g in ("tensor", "channel"):
+        qt = quantize(w, QuantSpec("asymmetric", granularity=g))
+        w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec, np.float32)
+        assert w_hat[0, 0] == 0.0 and w_hat[-1, -1] == 0.0
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.scheme}-{s.granularity}")
+@pytest.mark.parametrize("value", [0.0, 0.5, 3e-30, 7.0])
+def test_all_zero_and_constant_tensors(spec, value):
+    w = np.full((5, 7), value, np.float32)
+    qt = quantize(w, spec)
+    assert np.all(qt.scale > 0) and np.all(np.isfinite(qt.scale))
+    w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, spec, np.float32)
+    assert np.all(np.isfinite(w_hat))
+    np.testing.assert_allclose(w_hat, w, rtol=1e-6, atol=0)
+    assert np.isfinite(qt.stats.cosine) and not np.isnan(qt.stats.sqnr_db)
+
+
+def test_float64_is_computed_in_float64():
+    w = np.random.default_rng(1).normal(size=(8, 8))
+    qt = quantize(w, QuantSpec("symmetric"))
+    w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec, np.float64,
+                       np.dtype(np.float64))
+    s = qt.scale.astype(np.float64)
+    assert np.all(np.abs(w - w_hat) <= s / 2 + 1e-15)
+
+
+def test_results_independent_of_block_size(monkeypatch):
+    import qtool.quant as quant
+
+    w = np.random.default_rng(3).standard_t(3, size=(300, 257)).astype(np.float32)
+    spec = QuantSpec("asymmetric", granularity="tensor")
+    ref = quantize(w, spec)
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 700)
+    small = quantize(w, spec)
+    np.testing.assert_array_equal(ref.data, small.data)
+    assert ref.scale == small.scale
+    # float32 partial sums per block differ in the last bits only
+    np.testing.assert_allclose(ref.stats.error_sq, small.stats.error_sq, rtol=1e-6)
+
+
+def test_stats_match_numpy():
+    w = np.random.default_rng(5).normal(0, 0.02, size=(64, 96)).astype(np.float32)
+    qt = quantize(w, QuantSpec("symmetric"))
+    w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec, np.float32)
+    w64, h64 = w.astype(np.float64), w_hat.astype(np.float64)
+    err = h64 - w64
+    assert qt.stats.mse == pytest.approx(np.mean(err**2), rel=1e-5)
+    assert qt.stats.sqnr_db == pytest.approx(
+        10 * np.log10(np.sum(w64**2) / np.sum(err**2)), rel=1e-5)
+    assert qt.stats.max_abs_error == pytest.approx(np.abs(err).max(), rel=1e-6)
+    cos = np.dot(w64.ravel(), h64.ravel()) / np.linalg.norm(w64) / np.linalg.norm(h64)
+    assert qt.stats.cosine == pytest.approx(cos, rel=1e-7)
+
+
+def test_symmetric_unsigned_rejects_negative_values():
+    from qtool.quant import NegativeValuesError
+
+    w = np.array([[0.1, -0.2], [0.3, 0.4]], np.float32)
+    for g in ("tensor", "channel"):
+        with pytest.raises(NegativeValuesError):
+            quantize(w, QuantSpec("symmetric-unsigned", granularity=g))
+
+
+def test_nan_is_reported_with_count():
+    from qtool.quant import NonFiniteError
+
+    w = np.ones((4, 4), np.float32)
+    w[1, 2] = np.nan
+    w[3, 3] = np.inf
+    for g in ("tensor", "channel"):
+        with pytest.raises(NonFiniteError) as e:
+            quantize(w, QuantSpec("symmetric", granularity=g))
+        assert e.value.count == 2
