@@ -114,8 +114,12 @@ def _percentile_ranges(
         lo_p = np.empty(units, np.float64)
         hi_p = np.empty(units, np.float64)
         for r0 in range(0, units, step):
-            # One call for both tails: a single partition pass over the (copied) chunk.
-            q = np.percentile(w[r0:r0 + step], [100.0 - p, p], axis=1)
+            # One call for both tails: a single partition pass over our own float64 copy
+            # (see below for why float64), which np.percentile may then reorder in place.
+            q = np.percentile(
+                w[r0:r0 + step].astype(np.float64), [100.0 - p, p], axis=1,
+                overwrite_input=True,
+            )
             lo_p[r0:r0 + step] = q[0]
             hi_p[r0:r0 + step] = q[1]
         # Interpolated percentiles lie within [min, max] mathematically; clamping guards the
@@ -124,10 +128,12 @@ def _percentile_ranges(
 
     a = np.empty(units, np.float64)
     for r0 in range(0, units, step):
-        # |w| is a fresh temporary, so np.percentile may partition it in place instead of
-        # making a second copy.
+        # Interpolate in float64 whatever w's dtype: the result is the float64 percentile
+        # of the exact (float32-representable) values, the same however the caller spells q
+        # (numpy interpolates float32 input in float32 for a scalar q but in float64 for a
+        # list). |w| is a fresh temporary, so np.percentile may partition it in place.
         a[r0:r0 + step] = np.percentile(
-            np.abs(w[r0:r0 + step]), p, axis=1, overwrite_input=True
+            np.abs(w[r0:r0 + step], dtype=np.float64), p, axis=1, overwrite_input=True
         )
     if spec.scheme == "symmetric-unsigned":
         # The percentile of |w| can exceed max(w) when the row is mostly negative; the
