@@ -46,7 +46,8 @@ def test_quantize_dequantize_round_trip(tmp_path, scheme):
     for name in quantized:
         assert q[name].dtype == (np.int8 if signed else np.uint8), name
         assert q[name].shape == tensors[name].shape
-        assert scales[name].dtype == np.float32 and scales[name].shape == (tensors[name].shape[0], 1)
+        assert scales[name].dtype == np.float32
+        assert scales[name].shape == (tensors[name].shape[0], 1)
         assert zps[name].dtype == np.int32 and zps[name].shape == scales[name].shape
         if scheme != "asymmetric":
             assert not zps[name].any()
