@@ -137,7 +137,8 @@ class Manifest:
         try:
             doc = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{where}: not valid JSON ({e.msg if hasattr(e, 'msg') else e})")
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ArtifactError(f"{where}: not valid JSON ({msg})") from None
         if not isinstance(doc, dict) or doc.get("format") != "qtool":
             raise ArtifactError(f"{where}: not a qtool manifest")
         version = doc.get("format_version")
@@ -212,7 +213,10 @@ class Artifact:
                     if t.name not in main:
                         raise ArtifactError(f"{main.path}: tensor {t.name!r} is missing")
                     info = main[t.name]
-                    want = (t.quantized_dtype, t.stored_shape) if t.quantized else (t.dtype, t.shape)
+                    if t.quantized:
+                        want = (t.quantized_dtype, t.stored_shape)
+                    else:
+                        want = (t.dtype, t.shape)
                     if (info.dtype, info.shape) != want:
                         raise ArtifactError(
                             f"{main.path}: tensor {t.name!r} is {info.dtype} {list(info.shape)}, "

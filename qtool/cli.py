@@ -188,7 +188,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
              quiet: bool) -> int:
     """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
     holding either) into the artifact directory OUT_DIR."""
-    from qtool.pipeline import QuantizeOptions, make_plan, quantize_checkpoint
+    from qtool.pipeline import QuantizeOptions, quantize_checkpoint
 
     spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
     rules: tuple = ()
@@ -201,9 +201,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
                            source_digest=source_digest, nan_policy=nan_policy, force=force)
     t0 = time.perf_counter()
     results = quantize_checkpoint(src, out_dir, opts)
-    from qtool.io import open_checkpoint
-
-    plan = make_plan(open_checkpoint(src), opts)
+    plan = results.plan
     console = _err_console(quiet)
     for w in plan.warnings:
         console.print(f"qtool: warning: {w}")

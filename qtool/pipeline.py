@@ -126,7 +126,9 @@ def decide(info: TensorInfo, opts: QuantizeOptions) -> tuple[QuantSpec | None, s
             try:
                 spec = spec.with_(**dict(rule.settings))
             except (SpecError, TypeError) as e:
-                raise SpecError(f"recipe rule {rule.match!r} on tensor {info.name!r}: {e}") from None
+                raise SpecError(
+                    f"recipe rule {rule.match!r} on tensor {info.name!r}: {e}"
+                ) from None
             break
     return spec, None
 
@@ -140,8 +142,6 @@ def make_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
             if rule.matches(info.name):
                 used.add(i)
                 break
-        if spec is not None and spec.scheme == "symmetric-unsigned":
-            pass  # negative values are found while quantizing (no extra pass over the data)
         items.append((info, spec, reason))
     plan = Plan(ckpt, items)
     for i, rule in enumerate(opts.rules):
@@ -234,16 +234,22 @@ def _jobs(n: int) -> int:
 # --------------------------------------------------------------------------- quantize
 
 
-def quantize_checkpoint(
-    src: str | Path, out_dir: str | Path, opts: QuantizeOptions
-) -> Iterator[TensorResult]:
-    """Quantize ``src`` (file, index or directory) into the artifact directory ``out_dir``."""
+def quantize_checkpoint(src: str | Path, out_dir: str | Path, opts: QuantizeOptions) -> QuantizeRun:
+    """Quantize ``src`` (file, index or directory) into the artifact directory ``out_dir``.
+
+    Bad input and a bad output path raise here, before anything is written. Iterating the
+    returned run does the work, yielding one TensorResult per tensor; ``run.plan`` says
+    beforehand what will happen to each tensor.
+    """
     ckpt = open_checkpoint(src)
     plan = make_plan(ckpt, opts)
-    return _QuantizeRun(ckpt, plan, Path(out_dir), opts).run()
+    return QuantizeRun(ckpt, plan, Path(out_dir), opts)
 
 
-class _QuantizeRun:
+class QuantizeRun:
+    def __iter__(self) -> Iterator[TensorResult]:
+        return self.run()
+
     def __init__(self, ckpt: Checkpoint, plan: Plan, out: Path, opts: QuantizeOptions) -> None:
         self.ckpt, self.plan, self.out, self.opts = ckpt, plan, out, opts
         inputs = list(ckpt.shards) + ([ckpt.index_path] if ckpt.index_path else [])

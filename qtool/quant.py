@@ -251,11 +251,12 @@ def dequantize(
     shape: tuple[int, ...],
     spec: QuantSpec,
     out_dtype: np.dtype,
-    compute: np.dtype = np.dtype(np.float32),
+    compute: np.dtype | None = None,
     mapper: Mapper | None = None,
 ) -> np.ndarray:
     """w_hat = scale * (q - zero_point), cast to ``out_dtype``, in the tensor's ``shape``."""
     mapper = mapper or _serial_map
+    compute = np.dtype(compute or np.float32)
     rows, cols = rows_cols(shape)
     out = np.empty(shape, out_dtype)
     out2d = out.reshape(rows, cols)

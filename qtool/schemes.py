@@ -53,7 +53,7 @@ class QuantSpec:
             raise SpecError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         if self.scheme == "gnmt":
             if self.bits != 8:
-                raise SpecError(f"scheme gnmt is 8-bit only (as in the paper), got bits={self.bits}")
+                raise SpecError(f"scheme gnmt is 8-bit only (as in the paper), got {self.bits}")
             if self.granularity != "channel":
                 # gnmt is per row by definition; normalise instead of rejecting the default.
                 object.__setattr__(self, "granularity", "channel")
