@@ -8,20 +8,24 @@ See docs/FORMAT.md. For every input shard ``<stem>.safetensors`` the artifact di
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtool import __version__
-from qtool.io import CheckpointError, SafetensorsFile
+import numpy as np
+
+from qtool import __version__, packing
+from qtool.io import DTYPES, FLOAT_CODES, CheckpointError, SafetensorsFile
 from qtool.metrics import ErrorStats
-from qtool.quant import param_shape, stored_shape
+from qtool.quant import param_shape, rows_cols, stored_shape
 from qtool.schemes import QuantSpec, SpecError
 
 FORMAT_VERSION = 1
 MANIFEST = "qtool.json"
+MANIFEST_SIZE_LIMIT = 100_000_000  # bytes; as for safetensors headers and indexes
 
 
 class ArtifactError(CheckpointError):
@@ -92,21 +96,32 @@ class TensorRecord:
     @classmethod
     def from_json(cls, d: Any, where: str) -> TensorRecord:
         try:
-            name = d["name"]
-            rec = cls(name=name, file=d["file"], dtype=d["dtype"],
-                      shape=tuple(int(x) for x in d["shape"]))
+            name, file, dtype, shape = d["name"], d["file"], d["dtype"], d["shape"]
+            # A manifest may be hostile: everything later code relies on is checked here, so
+            # that it fails as bad input rather than as a crash in the writer or the math.
+            if not all(isinstance(v, str) for v in (name, file, dtype)):
+                raise TypeError("name, file and dtype must be strings")
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r:.20}")
+            if not isinstance(shape, list) or not all(
+                    type(x) is int and x >= 0 for x in shape):
+                raise ValueError("shape is not a list of non-negative integers")
+            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape))
             rec.original_bytes = int(d["bytes"]["original"])
             rec.stored_bytes = int(d["bytes"]["stored"])
             if "passthrough" in d:
                 rec.passthrough = str(d["passthrough"])
                 return rec
+            if dtype not in FLOAT_CODES:
+                raise ValueError(f"a quantized tensor must be a float dtype, not {dtype}")
             spec_keys = ("scheme", "bits", "granularity", "group_size", "range", "percentile")
             rec.spec = QuantSpec(**{k: d[k] for k in spec_keys if k in d})
             if "metrics" in d:
                 rec.stats = ErrorStats.from_dict(d["metrics"])
             return rec
-        except (KeyError, TypeError, ValueError, SpecError) as e:
-            raise ArtifactError(f"{where}: malformed tensor entry {d!r:.80}: {e}") from None
+        except (KeyError, TypeError, ValueError, OverflowError, SpecError) as e:
+            raise ArtifactError(
+                f"{where}: malformed tensor entry {d!r:.80}: {str(e):.100}") from None
 
 
 @dataclass
@@ -139,26 +154,53 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             raise ArtifactError(f"{where}: not valid JSON ({msg})") from None
+        except RecursionError:
+            raise ArtifactError(f"{where}: not valid JSON (nested too deeply)") from None
         if not isinstance(doc, dict) or doc.get("format") != "qtool":
             raise ArtifactError(f"{where}: not a qtool manifest")
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
             raise ArtifactError(
-                f"{where}: unknown format_version {version!r}; "
+                f"{where}: unknown format_version {version!r:.40}; "
                 f"this qtool ({__version__}) reads format_version {FORMAT_VERSION}"
             )
         try:
             tensors = [TensorRecord.from_json(t, where) for t in doc["tensors"]]
-            return cls(
+            m = cls(
                 source=dict(doc["source"]),
                 tensors=tensors,
                 files={str(k): dict(v) for k, v in doc["files"].items()},
-                shards=[str(s) for s in doc["shards"]],
+                shards=list(doc["shards"]),
                 index=doc.get("index"),
                 qtool_version=str(doc.get("qtool_version", "?")),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ArtifactError(f"{where}: missing or malformed field {e}") from None
+            raise ArtifactError(f"{where}: missing or malformed field {str(e):.100}") from None
+        m._check_consistent(where)
+        return m
+
+    def _check_consistent(self, where: str) -> None:
+        """What dequantize relies on: unique names, known shards, one shard unless indexed."""
+        if not all(isinstance(s, str) for s in self.shards) or \
+                len(set(self.shards)) != len(self.shards):
+            raise ArtifactError(f"{where}: shards must be distinct file names")
+        if self.index is not None and not isinstance(self.index, str):
+            raise ArtifactError(f"{where}: index must be a file name or null")
+        if self.index is None and len(self.shards) != 1:
+            raise ArtifactError(
+                f"{where}: {len(self.shards)} shards but no index (a single-file artifact "
+                "has exactly one)"
+            )
+        seen: set[str] = set()
+        for t in self.tensors:
+            if t.name in seen:
+                raise ArtifactError(f"{where}: tensor {t.name!r:.80} is listed twice")
+            seen.add(t.name)
+            if t.file not in self.shards:
+                raise ArtifactError(
+                    f"{where}: tensor {t.name!r:.80} is in {t.file!r:.80}, which is not one of "
+                    "the shards"
+                )
 
 
 @dataclass
@@ -170,6 +212,13 @@ class Artifact:
 
     @classmethod
     def open(cls, root: str | Path) -> Artifact:
+        art = cls.load(root)
+        art.check()
+        return art
+
+    @classmethod
+    def load(cls, root: str | Path) -> Artifact:
+        """Parse the manifest only (no checks of the other files; see :meth:`check`)."""
         root = Path(root)
         if not root.is_dir():
             raise ArtifactError(f"{root}: no such artifact directory")
@@ -177,12 +226,15 @@ class Artifact:
         if not mpath.is_file():
             raise ArtifactError(f"{root}: not a qtool artifact (no {MANIFEST})")
         try:
-            text = mpath.read_text(encoding="utf-8")
+            # Capped: a hostile manifest must not make us read gigabytes into memory.
+            with open(mpath, "rb") as f:
+                raw = f.read(MANIFEST_SIZE_LIMIT + 1)
+            if len(raw) > MANIFEST_SIZE_LIMIT:
+                raise ArtifactError(f"{mpath}: over the {MANIFEST_SIZE_LIMIT}-byte limit")
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{mpath}: cannot read ({e})") from None
-        art = cls(root, Manifest.from_json(text, str(mpath)))
-        art.check()
-        return art
+        return cls(root, Manifest.from_json(text, str(mpath)))
 
     def path(self, name: str) -> Path:
         # Manifest names are plain file names; anything else could point outside the artifact.
@@ -233,3 +285,203 @@ class Artifact:
                                 f"{side.path}: tensor {t.name!r} is {si.dtype} {list(si.shape)}, "
                                 f"expected {dt} {list(t.param_shape)}"
                             )
+        if self.manifest.index is not None:
+            self.read_index()
+
+    def read_index(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """The index of a sharded artifact as ``(metadata, weight_map)``, after checking that
+        its weight_map places every tensor where the manifest does."""
+        assert self.manifest.index is not None
+        p = self.path(self.manifest.index)
+        try:
+            with open(p, "rb") as f:
+                raw = f.read(MANIFEST_SIZE_LIMIT + 1)
+            if len(raw) > MANIFEST_SIZE_LIMIT:
+                raise ArtifactError(f"{p}: over the {MANIFEST_SIZE_LIMIT}-byte limit")
+            doc = json.loads(raw.decode("utf-8"))
+        except OSError as e:
+            raise ArtifactError(f"{p}: cannot read ({e.strerror or e})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+            raise ArtifactError(f"{p}: not a valid JSON index ({str(e):.80})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict) or \
+                not isinstance(doc.get("metadata", {}), dict):
+            raise ArtifactError(f"{p}: not an index (no weight_map object)")
+        wm = doc["weight_map"]
+        want = {t.name: t.file for t in self.manifest.tensors}
+        if wm != want:
+            name = next(n for n in [*want, *wm] if wm.get(n) != want.get(n))
+            raise ArtifactError(
+                f"{p}: weight_map places tensor {name!r:.80} in {wm.get(name)!r:.80}, "
+                f"the manifest in {want.get(name)!r:.80}"
+            )
+        return doc.get("metadata", {}), wm
+
+    # -- full verification (``qtool verify``) ----------------------------------------------
+
+    def used_files(self) -> list[str]:
+        """Every file the artifact's tensors and index live in, manifest excepted."""
+        names: list[str] = []
+        for shard in self.manifest.shards:
+            names += [shard, *sidecar_names(shard)]
+        if self.manifest.index is not None:
+            names.append(self.manifest.index)
+        return names
+
+    def file_problems(self) -> list[str]:
+        """Size and sha256 of every file against the manifest's ``files``, one line per
+        problem. A file the artifact uses but the manifest does not list is a problem too:
+        nothing would vouch for its contents."""
+        problems: list[str] = []
+        for name, info in self.manifest.files.items():
+            try:
+                p = self.path(name)
+                if not p.is_file():
+                    problems.append(f"{p}: missing (the manifest lists it)")
+                    continue
+                size = p.stat().st_size
+                if size != info.get("size"):
+                    # The hash cannot match either; reading the file would only cost time.
+                    problems.append(
+                        f"{p}: size {size} differs from the manifest's {info.get('size')!r:.40}"
+                    )
+                    continue
+                want = info.get("sha256")
+                if not isinstance(want, str):
+                    problems.append(f"{p}: the manifest records no sha256 for it")
+                    continue
+                with open(p, "rb") as f:
+                    got = hashlib.file_digest(f, "sha256").hexdigest()
+                if got != want:
+                    problems.append(f"{p}: sha256 {got} differs from the manifest's {want:.64}")
+            except ArtifactError as e:
+                problems.append(str(e))
+            except OSError as e:
+                problems.append(f"{self.root / name}: cannot read ({e.strerror or e})")
+        for name in self.used_files():
+            if name not in self.manifest.files:
+                problems.append(
+                    f"{self.root / name}: not listed in the manifest's files (no size or sha256)"
+                )
+        return problems
+
+    def verify_files(self) -> None:
+        """Raise ArtifactError naming the first file whose size or sha256 is not as recorded."""
+        problems = self.file_problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise ArtifactError(problems[0] + more)
+
+    def tensor_problems(self) -> list[str]:
+        """Every tensor present with the manifest's dtype and shape, every quantized one with
+        its scale and zero point, and the values inside the ranges their scheme allows: q in
+        [qmin, qmax] (packed rows with zero padding bits), finite scales > 0, zero points in
+        [0, 2^bits - 1] (0 for the schemes without one). One line per problem."""
+        problems: list[str] = []
+        if self.manifest.index is not None:
+            try:
+                self.read_index()
+            except ArtifactError as e:
+                problems.append(str(e))
+        for shard in self.manifest.shards:
+            records = [t for t in self.manifest.tensors if t.file == shard]
+            opened: list[SafetensorsFile | None] = []
+            try:
+                for name in (shard, *sidecar_names(shard)):
+                    try:
+                        opened.append(SafetensorsFile(self.path(name)))
+                    except CheckpointError as e:
+                        problems.append(str(e))
+                        opened.append(None)
+                problems += _shard_problems(records, *opened)
+            finally:
+                for f in opened:
+                    if f is not None:
+                        f.close()
+        return problems
+
+
+def verify(root: str | Path) -> list[str]:
+    """Full verification of the artifact in ``root``: :meth:`Artifact.file_problems` and
+    :meth:`Artifact.tensor_problems`. Returns one line per problem, empty when all holds;
+    raises ArtifactError only when the manifest itself is unreadable."""
+    art = Artifact.load(root)
+    return art.file_problems() + art.tensor_problems()
+
+
+def _shard_problems(records: list[TensorRecord], main: SafetensorsFile | None,
+                    sc: SafetensorsFile | None, zp: SafetensorsFile | None) -> list[str]:
+    problems: list[str] = []
+    quantized = {t.name for t in records if t.quantized}
+    for f, allowed in ((main, {t.name for t in records}), (sc, quantized), (zp, quantized)):
+        extra = [] if f is None else [n for n in f.keys() if n not in allowed]
+        if extra:
+            problems.append(f"{f.path}: {len(extra)} tensor(s) the manifest does not list "
+                            f"there, first {extra[0]!r:.80}")
+    for t in records:
+        problems += _tensor_problems(t, main, sc, zp)
+    return problems
+
+
+def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
+                     sc: SafetensorsFile | None, zp: SafetensorsFile | None) -> list[str]:
+    problems: list[str] = []
+    q = None
+    if main is not None:
+        want = (t.quantized_dtype, t.stored_shape) if t.quantized else (t.dtype, t.shape)
+        if t.name not in main:
+            problems.append(f"{main.path}: tensor {t.name!r} is missing")
+        elif (main[t.name].dtype, main[t.name].shape) != want:
+            info = main[t.name]
+            problems.append(f"{main.path}: tensor {t.name!r} is {info.dtype} {list(info.shape)}, "
+                            f"the manifest says {want[0]} {list(want[1])}")
+        elif t.quantized:
+            q = main.read(t.name)
+    if t.spec is None:
+        return problems
+    spec = t.spec
+    sides: dict[str, np.ndarray] = {}
+    for side, dt, what in ((sc, "F32", "scale"), (zp, "I32", "zero point")):
+        if side is None:
+            continue
+        if t.name not in side:
+            problems.append(f"{side.path}: tensor {t.name!r} ({what}) is missing")
+            continue
+        si = side[t.name]
+        if (si.dtype, si.shape) != (dt, t.param_shape):
+            problems.append(f"{side.path}: tensor {t.name!r} is {si.dtype} {list(si.shape)}, "
+                            f"expected {dt} {list(t.param_shape)}")
+            continue
+        sides[what] = side.read(si)
+    if "scale" in sides:
+        s = sides["scale"]
+        bad = s.size - int(np.count_nonzero(np.isfinite(s) & (s > 0)))
+        if bad:
+            problems.append(f"{sc.path if sc else ''}: tensor {t.name!r}: {bad} of {s.size} "
+                            "scales are not finite and > 0")
+    if "zero point" in sides:
+        z = sides["zero point"]
+        # Only asymmetric has a zero point; the other schemes store zeros (docs/FORMAT.md).
+        hi = 2**spec.bits - 1 if spec.scheme == "asymmetric" else 0
+        bad = int(np.count_nonzero((z < 0) | (z > hi)))
+        if bad:
+            problems.append(f"{zp.path if zp else ''}: tensor {t.name!r}: {bad} of {z.size} "
+                            f"zero points outside [0, {hi}] ({spec.scheme}, {spec.bits}-bit)")
+    if q is not None and q.size:
+        if spec.packed:
+            rows, cols = rows_cols(t.shape)
+            rows_q = q.reshape(rows, -1)
+            values = packing.unpack(rows_q, spec.bits, cols, spec.signed)
+            # The padding bits after each row's last value are zero (docs/FORMAT.md, Packing).
+            if not np.array_equal(packing.pack(values, spec.bits), rows_q):
+                assert main is not None
+                problems.append(f"{main.path}: tensor {t.name!r}: packed rows have non-zero "
+                                "padding bits")
+        else:
+            values = q
+        bad = int(np.count_nonzero((values < spec.qmin) | (values > spec.qmax)))
+        if bad:
+            assert main is not None
+            problems.append(f"{main.path}: tensor {t.name!r}: {bad} of {values.size} values "
+                            f"outside [{spec.qmin}, {spec.qmax}] ({spec.scheme}, "
+                            f"{spec.bits}-bit)")
+    return problems

@@ -193,7 +193,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
     rules: tuple = ()
     if recipe is not None:
-        from qtool.pipeline import load_recipe
+        from qtool.recipe import load_recipe
 
         rules = load_recipe(recipe)
     opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=rules,
@@ -204,10 +204,16 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     plan = results.plan
     console = _err_console(quiet)
     for w in plan.warnings:
-        console.print(f"qtool: warning: {w}")
+        # One line, verbatim: a glob like "*[0-9]*" is not Rich markup, and a long path must
+        # not be wrapped (stderr may be a log that is grepped).
+        console.print(f"qtool: warning: {w}", markup=False, soft_wrap=True)
     records = [r.record for r in _progress(results, len(plan.items), plan.total_bytes,
                                            "quantize", _show_progress(quiet))]
     seconds = time.perf_counter() - t0
+    for r in records:
+        if r.passthrough is not None and r.passthrough.startswith("NaN/inf"):
+            console.print(f"qtool: warning: tensor {r.name!r} has NaN/inf values; kept in "
+                          "float (--nan-policy skip)", markup=False, soft_wrap=True)
     from qtool.report import quantize_summary, render_summary
 
     summary = quantize_summary(records, Path(out_dir), seconds)
@@ -225,15 +231,18 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
               help="dtype of the restored float tensors (integer tensors keep theirs).")
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads (default 0: one per core).")
+@click.option("--verify", "verify_", is_flag=True,
+              help="Check every file's size and sha256 against the manifest first.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
-def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, quiet: bool) -> int:
+def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool,
+               quiet: bool) -> int:
     """Restore a float checkpoint from the artifact ART_DIR into OUT (a .safetensors file, or
     a directory for a sharded artifact)."""
     from qtool.artifact import Artifact
     from qtool.pipeline import dequantize_artifact
 
     t0 = time.perf_counter()
-    results = dequantize_artifact(art_dir, out, dtype, jobs)
+    results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_)
     m = Artifact.open(art_dir).manifest
     total = sum(t.original_bytes for t in m.tensors)
     n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
@@ -241,6 +250,33 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, quiet: bool) -> 
     _err_console(quiet).print(
         f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s"
     )
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("art_dir", type=click.Path(path_type=Path))
+@click.option("--quiet", "-q", is_flag=True, help="Print only the problems, if any.")
+def verify(art_dir: Path, quiet: bool) -> int:
+    """Check the artifact ART_DIR: every file's size and sha256 against qtool.json, every
+    tensor's dtype and shape, each quantized tensor's scale and zero point, and that the
+    integers, scales and zero points are inside their scheme's range. Exit 0 when all holds,
+    2 otherwise, with one line per problem on stderr."""
+    from qtool.artifact import Artifact
+
+    art = Artifact.load(art_dir)  # an unreadable manifest is one error like any bad input
+    problems = art.file_problems() + art.tensor_problems()
+    for p in problems:
+        _fail(p)
+    if problems:
+        _fail(f"{art_dir}: {len(problems)} problem{'s' if len(problems) != 1 else ''}; "
+              "the artifact does not verify")
+        return EXIT_BAD_INPUT
+    m = art.manifest
+    n_q = sum(1 for t in m.tensors if t.quantized)
+    _err_console(quiet).print(
+        f"{art_dir}: ok: {len(m.files)} files match their size and sha256; {len(m.tensors)} "
+        f"tensors ({n_q} quantized) have the recorded dtypes, shapes and ranges",
+        markup=False, soft_wrap=True)
     return EXIT_OK
 
 

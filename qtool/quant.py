@@ -220,8 +220,12 @@ def quantize(
         return ErrorStats.of(x, what)
 
     stats = ErrorStats()
-    for s in mapper(run, _blocks(rows, cols)):
-        stats = stats.merge(s)  # merged in block order: deterministic
+    try:
+        for s in mapper(run, _blocks(rows, cols)):
+            stats = stats.merge(s)  # merged in block order: deterministic
+    except NonFiniteError:
+        # A block counts only its own rows; the message must give the whole tensor's count.
+        raise NonFiniteError(int(np.count_nonzero(~np.isfinite(w2d.astype(cdt))))) from None
     if tensor_p is not None:
         scale[()] = tensor_p.scale[0]
         zero[()] = tensor_p.zero_point[0]

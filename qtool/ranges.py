@@ -128,10 +128,11 @@ def _percentile_ranges(
 
     a = np.empty(units, np.float64)
     for r0 in range(0, units, step):
-        # Interpolate in float64 whatever w's dtype: the result is the float64 percentile
-        # of the exact (float32-representable) values, the same however the caller spells q
-        # (numpy interpolates float32 input in float32 for a scalar q but in float64 for a
-        # list). |w| is a fresh temporary, so np.percentile may partition it in place.
+        # Work in float64 whatever w's dtype, so the result is exactly
+        # np.percentile(|w| as float64): numpy's float32 path computes the interpolation
+        # weight and the lerp in float32 (or mixed, depending on how q is spelled), which
+        # differs in the last ulps. The float64 |w| is our own temporary (chunked, so
+        # bounded except for a single huge row), so np.percentile may partition it in place.
         a[r0:r0 + step] = np.percentile(
             np.abs(w[r0:r0 + step], dtype=np.float64), p, axis=1, overwrite_input=True
         )
@@ -168,14 +169,7 @@ def _mse_ranges(
             block = w[r0:r1, c0:c0 + cols_per_block]
             qbuf = np.empty(block.shape, block.dtype)
             diff = np.empty(block.shape, np.float64)
-            for k in range(k_count):
-                pk = _row_params(params, k)
-                q = quantize_values(block, pk, spec, out=qbuf)
-                w_hat = dequantize_values(q, pk.scale, pk.zero_point, block.dtype)
-                # The difference in float64: a float32 subtraction would round, and the error
-                # is what decides between candidates.
-                np.subtract(block, w_hat, out=diff, dtype=np.float64)
-                errs[k] += np.einsum("ij,ij->i", diff, diff)
+            _search_block(block, params, spec, qbuf, diff, errs)
 
         # Walk the grid from ratio 1.0 down, switching only on a clear improvement, so minmax
         # keeps every tie (all-zero and constant rows, saturated tiny ranges).
@@ -189,6 +183,29 @@ def _mse_ranges(
         out_lo[r0:r1] = lo_k[best, cols]
         out_hi[r0:r1] = hi_k[best, cols]
     return out_lo, out_hi
+
+
+def _search_block(
+    block: np.ndarray,
+    params: QParams,
+    spec: QuantSpec,
+    qbuf: np.ndarray,
+    diff: np.ndarray,
+    errs: np.ndarray,
+) -> None:
+    """Add each grid point's squared round-trip error of ``block`` to ``errs`` (K, R)."""
+    # Narrow candidate ranges make w / scale overflow to +-inf for far-out values (e.g. big
+    # negatives under symmetric-unsigned with a tiny max); quantize_values then clips them to
+    # qmin/qmax, which is the right answer, so the warning would only be noise.
+    with np.errstate(over="ignore"):
+        for k in range(errs.shape[0]):
+            pk = _row_params(params, k)
+            q = quantize_values(block, pk, spec, out=qbuf)
+            w_hat = dequantize_values(q, pk.scale, pk.zero_point, block.dtype)
+            # The difference in float64: a float32 subtraction would round, and the error is
+            # what decides between candidates.
+            np.subtract(block, w_hat, out=diff, dtype=np.float64)
+            errs[k] += np.einsum("ij,ij->i", diff, diff)
 
 
 def _row_params(params: QParams, k: int) -> QParams:

@@ -128,6 +128,9 @@ def qparams(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> QParams:
         absmax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float32)
         # An all-zero row would divide by zero: the paper replaces its absmax by 127.
         absmax = np.where(absmax == 0, np.float32(GNMT_ZERO_ROW_ABSMAX), absmax)
+        # A tiny absmax would make 127/absmax overflow to inf (and 0 * inf = NaN): clamp it
+        # so that the scale is at least MIN_SCALE, like the other schemes.
+        absmax = np.maximum(absmax, np.float32(127.0 * MIN_SCALE))
         inv = (np.float32(127.0) / absmax).astype(np.float32)
         scale = (absmax / np.float32(127.0)).astype(np.float32)
         return QParams(scale, np.zeros(scale.shape, np.int32), inv)

@@ -1,0 +1,148 @@
+"""Recipes: a TOML file of ordered rules giving different tensors different settings.
+
+    [[rule]]
+    match = "*norm*"          # a glob on the tensor name, or "re:<regular expression>"
+    skip = true
+    [[rule]]
+    match = "*.mlp.*"
+    bits = 4
+    granularity = "group"
+    group_size = 64
+    range = "mse"
+
+The first rule whose ``match`` fits a tensor's name decides its settings; keys a rule leaves
+out come from the command line (``pipeline.decide`` applies the rules). This module only
+reads and validates the file, so that every mistake is reported before any tensor is read,
+naming the file, the rule number (1-based, in file order) and the key. See docs/RECIPES.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+
+from qtool.pipeline import Rule
+from qtool.schemes import GRANULARITIES, RANGE_METHODS, SCHEMES, QuantSpec, SpecError
+
+# The settings a rule may give, with the TOML types each accepts. TOML has distinct integer,
+# float and boolean types, so a quoted "4" or a `true` where a number belongs is a mistake we
+# report rather than coerce (Python's bool is an int, hence the explicit bool checks below).
+SETTING_KEYS: dict[str, tuple[type, ...]] = {
+    "scheme": (str,),
+    "bits": (int,),
+    "granularity": (str,),
+    "group_size": (int,),
+    "range": (str,),
+    "percentile": (int, float),
+}
+RULE_KEYS = ("match", "skip", *SETTING_KEYS)
+_CHOICES = {"scheme": SCHEMES, "granularity": GRANULARITIES, "range": RANGE_METHODS}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+class RecipeError(SpecError):
+    """A recipe file that cannot be read or holds a bad rule; the message says where."""
+
+
+def _unknown_key(where: str, key: str, allowed: tuple[str, ...]) -> RecipeError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return RecipeError(
+        f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
+    )
+
+
+def _check_type(where: str, key: str, value: object, types: tuple[type, ...]) -> None:
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        want = " or ".join(_TYPE_NAMES[t] for t in types)
+        raise RecipeError(f"{where}: {key} must be {want}, got {value!r}")
+
+
+def _check_value(where: str, key: str, value: object) -> None:
+    """Validate one setting on its own, so that the message names the key."""
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise RecipeError(
+            f"{where}: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}"
+        )
+    try:
+        # QuantSpec holds the range checks (bits 2..8, group_size >= 1, percentile in
+        # (50, 100]); a spec with only this key changed from the defaults isolates them.
+        QuantSpec(**{key: value})
+    except SpecError as e:
+        raise RecipeError(f"{where}: {key}: {e}") from None
+
+
+def parse_rule(raw: object, where: str) -> Rule:
+    """One ``[[rule]]`` table to a Rule; ``where`` (e.g. "r.toml rule 2") prefixes errors."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: must be a table ([[rule]]), got {raw!r:.60}")
+    for key in raw:
+        if key not in RULE_KEYS:
+            raise _unknown_key(where, key, RULE_KEYS)
+    if "match" not in raw:
+        raise RecipeError(f"{where}: missing key 'match' (a glob, or 're:' and a regex)")
+    match = raw["match"]
+    _check_type(where, "match", match, (str,))
+    if match in ("", "re:"):
+        raise RecipeError(f"{where}: match must not be empty")
+    if match.startswith("re:"):
+        try:
+            re.compile(match[3:])
+        except re.error as e:
+            raise RecipeError(f"{where}: match {match!r} is not a valid regex ({e})") from None
+    skip = raw.get("skip", False)
+    _check_type(where, "skip", skip, (bool,))
+    settings = {k: v for k, v in raw.items() if k in SETTING_KEYS}
+    if skip and settings:
+        # A skipped tensor stays in float: settings beside skip = true would be ignored,
+        # which is more likely a mistake than an intent.
+        raise RecipeError(
+            f"{where}: skip = true cannot be combined with {', '.join(settings)}"
+        )
+    for key, value in settings.items():
+        _check_type(where, key, value, SETTING_KEYS[key])
+        _check_value(where, key, value)
+    if settings:
+        # Settings that contradict each other within the rule (scheme gnmt with bits 4) are
+        # caught here; ones that contradict the command line are caught per tensor by decide.
+        try:
+            QuantSpec(**settings)  # type: ignore[arg-type]
+        except SpecError as e:
+            raise RecipeError(f"{where}: {e}") from None
+    if "percentile" in settings:
+        settings["percentile"] = float(settings["percentile"])  # type: ignore[arg-type]
+    return Rule(match=match, skip=bool(skip), settings=tuple(settings.items()), origin=where)
+
+
+def load_recipe(path: str | Path) -> tuple[Rule, ...]:
+    """Read and validate a recipe file; the rules in file order.
+
+    Raises RecipeError (a SpecError: exit 2 in the CLI) for a missing, unreadable or
+    malformed file, an unknown key, a value of the wrong type or out of range, and a recipe
+    without rules.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: recipe is not UTF-8 text ({e.reason})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    for key in doc:
+        if key != "rule":
+            raise _unknown_key(str(path), key, ("rule",))
+    raw_rules = doc.get("rule")
+    if raw_rules is None:
+        raise RecipeError(f"{path}: no rules; write each one as a [[rule]] table")
+    if not isinstance(raw_rules, list):
+        raise RecipeError(f"{path}: 'rule' must be an array of tables: write [[rule]], not [rule]")
+    return tuple(parse_rule(r, f"{path} rule {i}") for i, r in enumerate(raw_rules, 1))
+
+
+__all__ = ["RULE_KEYS", "SETTING_KEYS", "RecipeError", "load_recipe", "parse_rule"]
