@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,12 @@ MANIFEST_SIZE_LIMIT = 100_000_000  # bytes; as for safetensors headers and index
 
 class ArtifactError(CheckpointError):
     """A qtool artifact that is missing, corrupt or inconsistent."""
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name with no directory part, so that it cannot point outside the artifact."""
+    return (isinstance(name, str) and os.sep not in name and "\0" not in name
+            and not (os.altsep and os.altsep in name) and name not in ("", ".", ".."))
 
 
 def stem_of(shard_name: str) -> str:
@@ -88,8 +95,14 @@ class TensorRecord:
             d["packed"] = self.spec.packed
             d["stored_shape"] = list(self.stored_shape)
             d["param_shape"] = list(self.param_shape)
-            if self.stats is not None:
-                d["metrics"] = self.stats.to_dict()
+            st = self.stats
+            # Sums of squares of F64 weights beyond ~1e154 overflow to inf (quantize refuses
+            # such tensors, whose scale would not fit in float32, but this record must never
+            # be unreadable): JSON has no inf (json.dumps would write the non-standard
+            # Infinity) and readers refuse it, so such metrics are left out, as unrecorded.
+            if st is not None and all(math.isfinite(v) for v in (
+                    st.signal_sq, st.error_sq, st.cross, st.max_abs_error)):
+                d["metrics"] = st.to_dict()
         d["bytes"] = {"original": self.original_bytes, "stored": self.stored_bytes}
         return d
 
@@ -117,7 +130,7 @@ class TensorRecord:
             spec_keys = ("scheme", "bits", "granularity", "group_size", "range", "percentile")
             rec.spec = QuantSpec(**{k: d[k] for k in spec_keys if k in d})
             if "metrics" in d:
-                rec.stats = ErrorStats.from_dict(d["metrics"])
+                rec.stats = ErrorStats.from_dict(d["metrics"])  # validates the values
             return rec
         except (KeyError, TypeError, ValueError, OverflowError, SpecError) as e:
             raise ArtifactError(
@@ -180,12 +193,16 @@ class Manifest:
         return m
 
     def _check_consistent(self, where: str) -> None:
-        """What dequantize relies on: unique names, known shards, one shard unless indexed."""
+        """What dequantize relies on: plain file names (nothing outside the artifact is ever
+        opened), unique names, known shards, one shard unless indexed."""
         if not all(isinstance(s, str) for s in self.shards) or \
                 len(set(self.shards)) != len(self.shards):
             raise ArtifactError(f"{where}: shards must be distinct file names")
         if self.index is not None and not isinstance(self.index, str):
             raise ArtifactError(f"{where}: index must be a file name or null")
+        for name in [*self.files, *self.shards, *([self.index] if self.index else [])]:
+            if not is_plain_name(name):
+                raise ArtifactError(f"{where}: file name {name!r:.80} is not a plain name")
         if self.index is None and len(self.shards) != 1:
             raise ArtifactError(
                 f"{where}: {len(self.shards)} shards but no index (a single-file artifact "
@@ -238,7 +255,7 @@ class Artifact:
 
     def path(self, name: str) -> Path:
         # Manifest names are plain file names; anything else could point outside the artifact.
-        if os.sep in name or (os.altsep and os.altsep in name) or name in ("", ".", ".."):
+        if not is_plain_name(name):
             raise ArtifactError(f"{self.root / MANIFEST}: file name {name!r} is not a plain name")
         return self.root / name
 
@@ -368,7 +385,8 @@ class Artifact:
         """Raise ArtifactError naming the first file whose size or sha256 is not as recorded."""
         problems = self.file_problems()
         if problems:
-            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            n = len(problems) - 1
+            more = f" (and {n} more problem{'s' if n > 1 else ''})" if n else ""
             raise ArtifactError(problems[0] + more)
 
     def tensor_problems(self) -> list[str]:

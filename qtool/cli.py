@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,13 +52,20 @@ class QtoolGroup(click.Group):
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
         try:
-            rv = super().main(args=args, prog_name=prog_name or "qtool",
-                              complete_var=complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                # numpy's floating-point RuntimeWarnings (overflow in a cast, ...) are not for
+                # the user: the cases behind them are checked and reported as one-line errors.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                rv = super().main(args=args, prog_name=prog_name or "qtool",
+                                  complete_var=complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as e:
             _fail(e.format_message())
             sys.exit(EXIT_BAD_INPUT)
-        except click.exceptions.Abort:
-            _fail("aborted")
+        except click.exceptions.Abort as e:
+            # Click turns Ctrl-C inside a command into Abort; the pipelines have discarded
+            # their temporary output by the time it gets here.
+            interrupted = isinstance(e.__cause__, KeyboardInterrupt)
+            _fail("interrupted; no output was written" if interrupted else "aborted")
             sys.exit(130)
         except KeyboardInterrupt:
             _fail("interrupted; no output was written")
@@ -127,29 +135,32 @@ def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_
 
 def _progress(results: Iterator[TensorResult], total: int, total_bytes: int, label: str,
               show: bool) -> Iterator[TensorResult]:
-    """Wrap a result stream in a Rich progress bar on stderr, shown only on a TTY."""
+    """Wrap a result stream in a Rich progress bar on stderr, shown only on a TTY: tensors
+    done out of total, bytes per second and time left. The bar, the speed and the time left
+    all follow bytes (a checkpoint's tensors differ in size by orders of magnitude, so a
+    tensor count says little about time); the tensor count is a text field."""
     if not show:
         yield from results
         return
     from rich.progress import (
         BarColumn,
-        MofNCompleteColumn,
         Progress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("tensors"), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
+               TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=_err_console(), transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        done_bytes = 0
+        whole = max(total_bytes, 1)
+        task = bar.add_task(label, total=whole, done=0, count=total)
+        done = done_bytes = 0
         for r in results:
+            done += 1
             done_bytes += r.input_bytes
-            # Speed and ETA are in bytes; the bar advances by tensors.
-            bar.update(task, advance=1)
-            bar.tasks[task].fields["bytes"] = done_bytes
+            bar.update(task, completed=min(done_bytes, whole), done=done)
             yield r
 
 
@@ -278,6 +289,138 @@ def verify(art_dir: Path, quiet: bool) -> int:
         f"tensors ({n_q} quantized) have the recorded dtypes, shapes and ranges",
         markup=False, soft_wrap=True)
     return EXIT_OK
+
+
+REPORT_FORMATS = ("table", "json", "csv", "markdown")  # qtool.report.FORMATS (imports rich)
+REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
+# Options that only make sense for a dry run over a plain checkpoint.
+DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
+                  "group_size": "--group-size", "range_": "--range",
+                  "percentile": "--percentile", "skip": "--skip", "only": "--only"}
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path), default=Path("."), required=False)
+@click.option("--scheme", "-s", "schemes", type=click.Choice(SCHEME_CHOICES), multiple=True,
+              help="Dry run of a plain checkpoint: a scheme to try, one column group each "
+                   "(repeatable; default symmetric).")
+@spec_options
+@click.option("--skip", multiple=True, metavar="GLOB",
+              help="Dry run: keep tensors whose name matches in float (repeatable).")
+@click.option("--only", multiple=True, metavar="GLOB",
+              help="Dry run: quantize only tensors whose name matches (repeatable).")
+@click.option("--original", type=click.Path(path_type=Path), default=None,
+              help="Artifact: measure the error again against this original checkpoint "
+                   "(its size and digests must match the manifest's).")
+@click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="table",
+              show_default=True,
+              help="table (Rich, plain when not a terminal), json (docs/REPORT.md), csv or "
+                   "markdown.")
+@click.option("--sort", type=click.Choice(REPORT_SORTS), default=None,
+              help="Tensor order: name; sqnr (worst first); error (largest max abs error "
+                   "first); size (largest first). Default: checkpoint order.")
+@click.option("--top", type=click.IntRange(1), default=None, metavar="N",
+              help="Show only the first N tensors; totals and thresholds still cover all.")
+@click.option("--fail-under-sqnr", type=float, default=None, metavar="DB",
+              help="Exit 1 if any quantized tensor's SQNR is below DB dB.")
+@click.option("--max-error", type=click.FloatRange(min=0), default=None, metavar="X",
+              help="Exit 1 if any quantized tensor's max absolute error is above X.")
+@click.option("--energy-model", type=click.Path(path_type=Path), default=None,
+              metavar="FILE.json", help="Energy figures in pJ (see docs/ENERGY.md).")
+@click.option("--jobs", "-j", type=click.IntRange(0), default=0,
+              help="Worker threads for a dry run or --original (default 0: one per core).")
+@click.option("--verify", "verify_", is_flag=True,
+              help="Artifact: check every file's size and sha256 against the manifest first.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@click.pass_context
+def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
+           bits: int, group_size: int, range_: str, percentile: float, skip: tuple[str, ...],
+           only: tuple[str, ...], original: Path | None, fmt: str, sort: str | None,
+           top: int | None, fail_under_sqnr: float | None, max_error: float | None,
+           energy_model: Path | None, jobs: int, verify_: bool, quiet: bool) -> int:
+    """Per-tensor error, compression, memory and energy estimates of PATH (default: the
+    current directory): a qtool artifact, or a plain checkpoint for a dry run of each
+    --scheme (nothing is written). Exit 1 when --fail-under-sqnr or --max-error is missed."""
+    import math
+
+    from click.core import ParameterSource
+
+    from qtool.artifact import MANIFEST, Artifact
+    from qtool.io import CheckpointError
+    from qtool.report import (
+        ReportError,
+        artifact_report,
+        disk_bytes,
+        dry_run_report,
+        load_energy_model,
+        render_report,
+        to_csv,
+        to_json,
+        to_markdown,
+    )
+
+    for flag, value in (("--fail-under-sqnr", fail_under_sqnr), ("--max-error", max_error)):
+        if value is not None and not math.isfinite(value):
+            raise click.BadParameter(f"must be a finite number, not {value}", param_hint=flag)
+    # Every bad input is found before the (possibly long) measurement starts.
+    model = load_energy_model(energy_model) if energy_model is not None else None
+    given = [flag for p, flag in DRY_RUN_PARAMS.items()
+             if ctx.get_parameter_source(p) in (ParameterSource.COMMANDLINE,
+                                                ParameterSource.ENVIRONMENT)]
+    show = _show_progress(quiet)
+    checks = {"energy_model": model, "fail_under_sqnr": fail_under_sqnr, "max_error": max_error}
+    if path.is_dir() and (path / MANIFEST).exists():
+        if given:
+            raise click.UsageError(f"{given[0]} applies to a dry run of a plain checkpoint; "
+                                   f"{path} is a qtool artifact")
+        if verify_:
+            Artifact.open(path).verify_files()
+        if original is None:
+            art = Artifact.open(path)
+            records = list(art.manifest.tensors)
+            metrics_from = "manifest"
+        else:
+            from qtool.pipeline import measure_artifact
+
+            run = measure_artifact(path, original, jobs)
+            art = run.art
+            records = [r.record for r in _progress(iter(run), run.total, run.total_bytes,
+                                                   "measure", show)]
+            metrics_from = "original"
+        m = art.manifest
+        rep = artifact_report(path, records, metrics_from=metrics_from, original=original,
+                              disk=disk_bytes(m.source, m.files), **checks)
+    else:
+        if original is not None or verify_:
+            flag = "--original" if original is not None else "--verify"
+            raise click.UsageError(f"{flag} applies to an artifact; {path} is not one "
+                                   f"(no {MANIFEST})")
+        from qtool.pipeline import QuantizeOptions, dry_run
+
+        specs = [_make_spec(s, granularity, bits, group_size, range_, percentile)
+                 for s in dict.fromkeys(schemes or ("symmetric",))]
+        try:
+            drun = dry_run(path, specs, QuantizeOptions(spec=specs[0], skip=skip, only=only,
+                                                        jobs=jobs))
+        except CheckpointError as e:
+            if path.is_dir():  # most likely a mistyped artifact directory
+                raise ReportError(f"{path}: neither a qtool artifact (no {MANIFEST}) nor a "
+                                  f"checkpoint: {e}") from None
+            raise
+        results = [r.records for r in _progress(iter(drun), drun.total, drun.total_bytes,
+                                                "dry run", show)]
+        rep = dry_run_report(path, specs, results, **checks)
+    if fmt == "table":
+        from rich.console import Console
+
+        console = Console(highlight=False)  # plain text when stdout is no TTY or NO_COLOR
+        console.print(render_report(rep, sort, top, console.width))
+    else:
+        render = {"json": to_json, "csv": to_csv, "markdown": to_markdown}[fmt]
+        click.echo(render(rep, sort, top), nl=False)
+    for o in rep.offenders:
+        click.echo(f"qtool: fail: {_one_line(o.message())}", err=True)
+    return rep.exit_code
 
 
 def main() -> None:

@@ -20,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
+import queue
 import secrets
 import stat
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -58,6 +61,9 @@ PAGE = 4096
 _ALIGN_MIN_BYTES = PAGE  # below this, page-congruent buffers are not worth the extra page
 _INDEX_SUFFIX = ".safetensors.index.json"
 _ABSURD_BYTES = 1 << 64  # tensor sizes beyond this are reported without computing them exactly
+_INTP_LIMIT = 1 << 63  # numpy's bound on (product of the non-zero dimensions) x item size
+MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+"""Most dimensions a tensor may have: what numpy can represent (no checkpoint comes close)."""
 
 
 class CheckpointError(Exception):
@@ -382,6 +388,8 @@ class SafetensorsFile:
         shape = fields["shape"]
         if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
             raise self._fail(f"shape {_short(shape)} is not a list of non-negative integers", name)
+        if len(shape) > MAX_DIMS:
+            raise self._fail(f"shape has {len(shape)} dimensions, more than {MAX_DIMS}", name)
 
         if "data_offsets" not in fields:
             raise self._fail("missing data_offsets", name)
@@ -410,6 +418,16 @@ class SafetensorsFile:
                 if needed > _ABSURD_BYTES:
                     too_big = True
                     break
+        else:
+            # An empty tensor holds no bytes, but numpy still needs the product of its other
+            # dimensions (times the item size) to fit in an intp to represent it at all.
+            span = itemsize
+            for d in shape:
+                span *= d or 1
+                if span >= _INTP_LIMIT:
+                    raise self._fail(
+                        f"shape {_fmt_ints(shape)} of {code} is too large to represent "
+                        "(even though it is empty)", name)
         have = end - begin
         if too_big or needed != have:
             need_text = f"more than {_ABSURD_BYTES}" if too_big else str(needed)
@@ -506,6 +524,45 @@ class SafetensorsFile:
         if t.nbytes:
             _pread_exact(self._fd, memoryview(region), t.offset, self.path, f"tensor {t.name!r}")
         return region.view(DTYPES[t.dtype]).reshape(t.shape)
+
+    def view(self, info: TensorInfo | str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Elements [start, stop) of the tensor, flat, as a read-only array over a memory map of
+        just those bytes: no copy, and the pages leave the resident set when the array (and
+        every view of it) is dropped. Use it for data read once, in runs, to bound memory.
+
+        A file truncated by someone else while a view is in use makes the process fail with
+        SIGBUS; the size is checked when the view is made, which catches the usual cases.
+        """
+        t = self._resolve(info)
+        dt = DTYPES[t.dtype]
+        count = t.numel if t.nbytes else 0
+        stop = count if stop is None else stop
+        if not 0 <= start <= stop <= count:
+            raise ValueError(
+                f"{self._label}: tensor {t.name!r}: bad element range [{start}, {stop})"
+            )
+        nbytes = (stop - start) * dt.itemsize
+        if nbytes == 0:
+            return np.empty(0, dtype=dt)
+        offset = t.offset + start * dt.itemsize
+        size = os.fstat(self._fd).st_size
+        if offset + nbytes > size:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r}: file is now {size} bytes, the tensor ends at "
+                f"byte {offset + nbytes} (truncated while open?)"
+            )
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self._fd, offset + nbytes - base, offset=base, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r}: cannot map: {exc.strerror or exc}"
+            ) from None
+        if hasattr(mm, "madvise"):
+            # Read-ahead of the whole run now, in the background, while its start is computed.
+            mm.madvise(mmap.MADV_WILLNEED)
+        # The array keeps the map alive; it is unmapped when the last view of it goes.
+        return np.frombuffer(mm, dtype=dt, count=stop - start, offset=offset - base)
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -743,7 +800,15 @@ class SafetensorsWriter:
 
     The full header is computed from ``entries`` (``(name, dtype code, shape)`` in write
     order) and written up front; tensors are then written one by one, in that order, with
-    :meth:`write`. The sha256 of the file is computed as bytes go out.
+    :meth:`write`, or in consecutive pieces with :meth:`write_chunk`. The sha256 of the file
+    is computed as bytes go out (``digest=False`` skips it).
+
+    With ``background=True`` a thread of the writer's own writes and hashes the data while the
+    caller computes the next piece (both release the GIL): ``write``/``write_chunk`` only
+    queue the data, keep a reference to it until it is written, then call the piece's
+    ``release`` callback (e.g. to recycle the buffer). The caller must not modify queued data.
+    At most ``queue_depth`` pieces wait, which bounds the memory they hold. An error of the
+    thread (a full disk) is raised by the next write, or by :meth:`close`.
 
     Data goes to a temporary file next to ``path`` which is renamed over ``path`` only by a
     successful :meth:`close`; an exception inside a ``with`` block (or :meth:`abort`) removes
@@ -755,8 +820,18 @@ class SafetensorsWriter:
         path: str | Path,
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        *,
+        digest: bool = True,
+        background: bool = False,
+        queue_depth: int = 3,
     ) -> None:
         self.path = Path(path)
+        self._digest = digest
+        self._partial = 0  # bytes of the current entry written by write_chunk so far
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] | None = None
+        self._error: BaseException | None = None
+        self._stop = False
         self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
         header: dict[str, Any] = {}
         if metadata is not None:
@@ -790,12 +865,18 @@ class SafetensorsWriter:
         self.header_bytes = struct.pack("<Q", len(blob)) + blob
         self._size = len(self.header_bytes) + pos
         self._next = 0
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if digest else None
         self._sha256: str | None = None
         self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         self._file = open(self._tmp, "xb")  # closed in close() / abort()
         try:
-            self._emit(memoryview(self.header_bytes))
+            if background:
+                self._queue = queue.Queue(maxsize=max(1, queue_depth))
+                self._thread = threading.Thread(
+                    target=self._drain, name=f"write {self.path.name}", daemon=True
+                )
+                self._thread.start()
+            self._emit(memoryview(self.header_bytes), None)
         except BaseException:
             self.abort()
             raise
@@ -807,7 +888,7 @@ class SafetensorsWriter:
 
     @property
     def sha256(self) -> str:
-        """Hex sha256 of the whole file; available after :meth:`close`."""
+        """Hex sha256 of the whole file; available after :meth:`close` (with digest=True)."""
         if self._sha256 is None:
             raise ValueError(f"{self.path}: sha256 is only available after close()")
         return self._sha256
@@ -817,15 +898,55 @@ class SafetensorsWriter:
         """Names of the entries not written yet, in order."""
         return [e[0] for e in self._entries[self._next :]]
 
-    def _emit(self, mv: memoryview) -> None:
-        self._hash.update(mv)
+    def _put(self, mv: memoryview) -> None:
+        assert self._file is not None
+        if self._hash is not None:
+            self._hash.update(mv)
         self._file.write(mv)
 
-    def write(
-        self, name: str, data: np.ndarray | np.generic | bytes | bytearray | memoryview
-    ) -> None:
-        """Write the next tensor. ``data`` is an array (of the entry's dtype, or raw uint8
-        bytes) or a bytes-like object; its byte length must match the entry's."""
+    def _emit(self, mv: memoryview, release: Callable[[], object] | None) -> None:
+        if self._queue is None:
+            try:
+                self._put(mv)
+            finally:
+                if release is not None:
+                    release()
+            return
+        self._raise_thread_error()
+        self._queue.put((mv, release))
+
+    def _drain(self) -> None:
+        """The background thread: write and hash queued pieces in order until told to stop.
+        After an error (or an abort) it keeps taking pieces, only to release them, so that a
+        producer waiting for a free buffer is never stranded."""
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            mv, release = item
+            try:
+                if self._error is None and not self._stop:
+                    self._put(mv)
+            except BaseException as exc:  # reported to the producer by the next call
+                self._error = exc
+            finally:
+                del mv, item
+                if release is not None:
+                    release()
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _check_next(self, name: str) -> tuple[str, tuple[int, ...], int]:
         if self._file is None:
             raise ValueError(f"{self.path}: writer is closed")
         if self._next >= len(self._entries):
@@ -835,6 +956,16 @@ class SafetensorsWriter:
             raise ValueError(
                 f"{self.path}: tensor {name!r} written out of order; expected {exp_name!r}"
             )
+        return code, shape, nbytes
+
+    def write(
+        self, name: str, data: np.ndarray | np.generic | bytes | bytearray | memoryview
+    ) -> None:
+        """Write the next tensor. ``data`` is an array (of the entry's dtype, or raw uint8
+        bytes) or a bytes-like object; its byte length must match the entry's."""
+        code, shape, nbytes = self._check_next(name)
+        if self._partial:
+            raise ValueError(f"{self.path}: tensor {name!r} is being written in chunks")
         if isinstance(data, np.ndarray | np.generic):
             arr = np.asarray(data)
             if arr.dtype != np.uint8 and arr.dtype != DTYPES[code]:
@@ -858,8 +989,31 @@ class SafetensorsWriter:
                 f"{self.path}: tensor {name!r}: got {mv.nbytes} bytes, expected {nbytes} "
                 f"(shape {list(shape)} of {code})"
             )
-        self._emit(mv)
+        self._emit(mv, None)
         self._next += 1
+
+    def write_chunk(
+        self, name: str, data: np.ndarray, release: Callable[[], object] | None = None
+    ) -> None:
+        """Write the next bytes of tensor ``name``: a C-contiguous array whose bytes continue
+        the tensor's data. The entry is complete once all its bytes have been given, and the
+        next call starts the next entry. ``release`` is called once the bytes are written
+        (at once without a background thread)."""
+        code, shape, nbytes = self._check_next(name)
+        arr = np.asarray(data)
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{self.path}: tensor {name!r}: chunks must be C-contiguous")
+        mv = memoryview(arr.reshape(-1).view(np.uint8))
+        if self._partial + mv.nbytes > nbytes:
+            raise ValueError(
+                f"{self.path}: tensor {name!r}: chunks add up to more than its {nbytes} bytes "
+                f"(shape {list(shape)} of {code})"
+            )
+        self._emit(mv, release)
+        self._partial += mv.nbytes
+        if self._partial == nbytes:
+            self._partial = 0
+            self._next += 1
 
     def close(self) -> None:
         """Finish: check every entry was written, flush, and move the file into place."""
@@ -872,6 +1026,12 @@ class SafetensorsWriter:
                 f"{self.path}: closed with {len(missing)} tensor(s) not written, "
                 f"first {missing[0]!r}"
             )
+        try:
+            self._join()
+            self._raise_thread_error()
+        except BaseException:
+            self.abort()
+            raise
         f, self._file = self._file, None
         try:
             f.close()
@@ -879,10 +1039,13 @@ class SafetensorsWriter:
         except BaseException:
             _unlink_quietly(self._tmp)
             raise
-        self._sha256 = self._hash.hexdigest()
+        if self._hash is not None:
+            self._sha256 = self._hash.hexdigest()
 
     def abort(self) -> None:
         """Discard the output (removes the temporary file); idempotent."""
+        self._stop = True  # the background thread skips what is still queued
+        self._join()
         f, self._file = self._file, None
         if f is not None:
             try:

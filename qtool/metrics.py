@@ -77,7 +77,11 @@ class ErrorStats:
             return 1.0
         if self.signal_sq == 0.0 or recon_sq == 0.0:
             return 0.0
-        return max(-1.0, min(1.0, dot / math.sqrt(self.signal_sq * recon_sq)))
+        # Two square roots: the product of two tiny sums could underflow to 0.
+        denom = math.sqrt(self.signal_sq) * math.sqrt(recon_sq)
+        if denom == 0.0:
+            return 1.0 if dot > 0 else 0.0
+        return max(-1.0, min(1.0, dot / denom))
 
     def to_dict(self) -> dict[str, float | int | None]:
         d: dict[str, float | int | None] = dict(asdict(self))
@@ -87,8 +91,22 @@ class ErrorStats:
 
     @classmethod
     def from_dict(cls, d: dict) -> ErrorStats:
-        return cls(int(d["count"]), float(d["signal_sq"]), float(d["error_sq"]),
-                   float(d["cross"]), float(d["max_abs_error"]))
+        """Statistics as ``to_dict`` wrote them. The dict may come from a hostile manifest:
+        anything but a count >= 0 and finite sums (>= 0 where they are sums of squares)
+        raises ValueError, so that no NaN or infinity reaches the figures derived here."""
+        count = d["count"]
+        if type(count) is not int or count < 0:
+            raise ValueError(f"count must be an integer >= 0, not {count!r:.40}")
+        values = []
+        for key in ("signal_sq", "error_sq", "cross", "max_abs_error"):
+            v = d[key]
+            # bool is an int; a string would be converted by float() without complaint.
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                    or (key != "cross" and v < 0):
+                raise ValueError(f"{key} must be a finite number"
+                                 f"{'' if key == 'cross' else ' >= 0'}, not {v!r:.40}")
+            values.append(float(v))
+        return cls(count, *values)
 
 
 def sqnr_db(w: np.ndarray, w_hat: np.ndarray) -> float:

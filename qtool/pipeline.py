@@ -9,18 +9,22 @@ output (or the previous complete one).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fnmatch
+import functools
 import hashlib
 import json
+import math
 import os
+import queue
 import re
 import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,10 +51,13 @@ from qtool.io import (
 )
 from qtool.metrics import ErrorStats
 from qtool.quant import (
+    Mapper,
     NegativeValuesError,
     NonFiniteError,
+    TensorQuantizer,
     compute_dtype,
     dequantize,
+    dequantize_rows,
     quantize,
     rows_cols,
 )
@@ -116,6 +123,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(info.nbytes for info, _, _ in self.items)
+
+
+# Scales are stored as float32 (docs/FORMAT.md): F64 weights beyond about 4e40 would need a
+# larger one, which becomes inf and would restore as inf or NaN.
+_SCALE_OVERFLOW = "has values too large for a float32 scale"
 
 
 def _glob_any(name: str, patterns: tuple[str, ...]) -> bool:
@@ -256,18 +268,161 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _find_nonfinite(ckpt_files: dict[Path, SafetensorsFile], plan: Plan) -> set[str]:
-    bad = set()
-    for info, spec, _ in plan.items:
-        if spec is not None:
-            arr = ckpt_files[info.path].read(info)
-            if not np.isfinite(arr.astype(np.float32) if arr.dtype.itemsize < 4 else arr).all():
-                bad.add(info.name)
+# --------------------------------------------------------------------------- streaming
+#
+# Tensors are read in runs of rows from memory maps (SafetensorsFile.view: no copy, and the
+# pages leave the resident set once a run is done) and written in runs through a background
+# thread that writes and hashes while the next run is computed. Memory therefore stays near
+# a few runs whatever the size of the tensors or the checkpoint (docs/PERFORMANCE.md).
+
+# Bytes of input (quantize) or output (dequantize) per run: large enough that per-run costs
+# (a map, a pool round, a queue hand-off) vanish, small enough for a few to sit in memory.
+CHUNK_BYTES = 16 << 20
+# Output buffers in rotation: one being filled, one being written, one spare.
+_BUFFERS = 3
+
+
+class _Buffers:
+    """Reusable output buffers. The writer thread gives each back once it is written, so
+    steady state allocates (and page-faults) nothing, and at most _BUFFERS are in flight."""
+
+    def __init__(self, count: int = _BUFFERS) -> None:
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(np.empty(0, np.uint8))
+
+    def get(self, nbytes: int) -> np.ndarray:
+        buf = self._free.get()
+        return buf if buf.size >= nbytes else np.empty(nbytes, np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        self._free.put(buf)
+
+
+def _runs(count: int, itemsize: int) -> Iterator[tuple[int, int]]:
+    """[a, b) element runs of about CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(itemsize, 1))
+    for a in range(0, count, step):
+        yield a, min(a + step, count)
+
+
+def _copy_tensor(sf: SafetensorsFile, info: TensorInfo, w: SafetensorsWriter,
+                 out_dtype: np.dtype | None = None) -> None:
+    """Stream a tensor's bytes (or its values cast to ``out_dtype``) into ``w``: straight from
+    the memory map to the file, never the whole tensor in memory."""
+    if info.nbytes == 0:
+        w.write(info.name, b"")
+        return
+    for a, b in _runs(info.numel, info.np_dtype.itemsize):
+        run = sf.view(info, a, b)
+        w.write_chunk(info.name, run if out_dtype is None else run.astype(out_dtype))
+
+
+def _count_nonfinite(sf: SafetensorsFile, info: TensorInfo) -> int:
+    bad = 0
+    for a, b in _runs(info.numel, info.np_dtype.itemsize):
+        run = sf.view(info, a, b)
+        if run.dtype not in (np.float32, np.float64):
+            run = run.astype(np.float32)
+        bad += int(run.size - np.count_nonzero(np.isfinite(run)))
     return bad
+
+
+def _absmax(sf: SafetensorsFile, info: TensorInfo) -> float:
+    return max((float(np.abs(sf.view(info, a, b).astype(np.float64)).max())
+                for a, b in _runs(info.numel, 8)), default=0.0)
+
+
+def _find_nonfinite(ckpt_files: dict[Path, SafetensorsFile], plan: Plan) -> set[str]:
+    return {info.name for info, spec, _ in plan.items
+            if spec is not None and _count_nonfinite(ckpt_files[info.path], info)}
+
+
+def _quantize_streamed(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec,
+                       w: SafetensorsWriter, buffers: _Buffers,
+                       mapper: Mapper) -> TensorQuantizer:
+    """Quantize one tensor run by run from its memory map into ``w``; the sidecars are
+    returned (small: one value per row or group) for the caller to write."""
+    tq = TensorQuantizer(info.shape, info.np_dtype, spec)
+    cols = tq.cols
+
+    def rows_of(a: int, b: int) -> np.ndarray:
+        return sf.view(info, a * cols, b * cols).reshape(b - a, cols)
+
+    max_elements = max(1, CHUNK_BYTES // info.np_dtype.itemsize)
+    if tq.needs_tensor_range:
+        tq.set_tensor_range(rows_of, mapper, max_elements)
+    width = tq.out_row_items
+    for a, b in tq.chunks(max_elements):
+        nbytes = (b - a) * width * tq.out_dtype.itemsize
+        buf = buffers.get(nbytes)
+        out = buf[:nbytes].view(tq.out_dtype).reshape(b - a, width)
+        tq.run(rows_of(a, b), a, out, mapper)
+        w.write_chunk(info.name, out, release=functools.partial(buffers.put, buf))
+    return tq
+
+
+def _check_output_names(ckpt: Checkpoint) -> None:
+    """The artifact is flat: each shard's files are named after the shard's file name alone.
+    Shards in different subdirectories of an index with the same name, or a shard named like
+    another's sidecar or like the manifest or index, would overwrite each other: refuse."""
+    owner: dict[str, Path] = {MANIFEST: Path(MANIFEST)}
+    if ckpt.index_path is not None:
+        owner[ckpt.index_path.name] = ckpt.index_path
+    for shard in ckpt.shards:
+        for name in (shard.name, *sidecar_names(shard.name)):
+            if name in owner:
+                raise CheckpointError(
+                    f"{ckpt.index_path or shard}: shard {shard} would be written as {name}, "
+                    f"which {owner[name]} also needs in the output; rename one of them"
+                )
+            owner[name] = shard
 
 
 def _jobs(n: int) -> int:
     return n if n > 0 else (os.cpu_count() or 1)
+
+
+def _openblas_thread_controls() -> list[tuple[Callable[[], int], Callable[[int], None]]]:
+    """(get, set) of the thread count of every OpenBLAS loaded in this process (numpy's own,
+    whatever its symbol prefix); empty where there is none or it cannot be found."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = sorted({line.split()[-1] for line in f
+                            if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return []
+    controls = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                    controls.append((get, put))
+    return controls
+
+
+@contextlib.contextmanager
+def _blas_single_threaded() -> Iterator[None]:
+    """Run BLAS on one thread meanwhile. The error statistics' dot products go to OpenBLAS,
+    which splits any dot product of more than 10,000 values over threads of its own and leaves
+    them spinning afterwards: on top of our pool they took the cores our workers and the
+    writer thread needed (measured in docs/PERFORMANCE.md). One thread gives the same sums."""
+    controls = _openblas_thread_controls()
+    saved = [get() for get, _ in controls]
+    for _, put in controls:
+        put(1)
+    try:
+        yield
+    finally:
+        for (_, put), n in zip(controls, saved, strict=True):
+            put(n)
 
 
 # --------------------------------------------------------------------------- quantize
@@ -292,9 +447,14 @@ class QuantizeRun:
     def __init__(self, ckpt: Checkpoint, plan: Plan, out: Path, opts: QuantizeOptions) -> None:
         self.ckpt, self.plan, self.out, self.opts = ckpt, plan, out, opts
         inputs = list(ckpt.shards) + ([ckpt.index_path] if ckpt.index_path else [])
+        _check_output_names(ckpt)
         _check_output_dir(out, inputs, opts.force)
 
     def run(self) -> Iterator[TensorResult]:
+        with _blas_single_threaded():
+            yield from self._run()
+
+    def _run(self) -> Iterator[TensorResult]:
         files = {p: SafetensorsFile(p) for p in self.ckpt.shards}
         stage = _Staging(self.out)
         pool = ThreadPoolExecutor(max_workers=_jobs(self.opts.jobs))
@@ -369,22 +529,44 @@ class QuantizeRun:
                 rec = TensorRecord(info.name, name, info.dtype, info.shape, spec)
                 main_entries.append((info.name, rec.quantized_dtype, rec.stored_shape))
                 side_entries.append((info.name, rec.param_shape))
+        # The main file is the large one: a thread writes and hashes it behind the compute.
         writers = (
-            SafetensorsWriter(tmp / name, main_entries, sf.metadata),
+            SafetensorsWriter(tmp / name, main_entries, sf.metadata, background=True),
             SafetensorsWriter(tmp / scale_name, [(n, "F32", s) for n, s in side_entries]),
             SafetensorsWriter(tmp / zp_name, [(n, "I32", s) for n, s in side_entries]),
         )
+        try:
+            yield from self._shard_tensors(sf, items, writers, pool, records)
+            for w, fname in zip(writers, (name, scale_name, zp_name), strict=True):
+                w.close()
+                file_info[fname] = {"size": w.size, "sha256": w.sha256}
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+
+    def _shard_tensors(
+        self,
+        sf: SafetensorsFile,
+        items: list[tuple[TensorInfo, QuantSpec | None, str | None]],
+        writers: tuple[SafetensorsWriter, SafetensorsWriter, SafetensorsWriter],
+        pool: ThreadPoolExecutor,
+        records: list[TensorRecord],
+    ) -> Iterator[TensorResult]:
+        name = sf.path.name
         main_w, scale_w, zp_w = writers
+        buffers = _Buffers()
         for info, spec, reason in items:
-            arr = sf.read(info)
             if spec is None:
-                main_w.write(info.name, arr)
+                _copy_tensor(sf, info, main_w)
                 rec = TensorRecord(info.name, name, info.dtype, info.shape, passthrough=reason,
                                    original_bytes=info.nbytes, stored_bytes=info.nbytes)
             else:
                 try:
-                    qt = quantize(arr, spec, pool.map)
-                except NonFiniteError as e:
+                    qt = _quantize_streamed(sf, info, spec, main_w, buffers, pool.map)
+                except NonFiniteError:
+                    # The kernel stops at the first bad block; count them all for the message.
+                    e = NonFiniteError(_count_nonfinite(sf, info))
                     raise CheckpointError(
                         f"{sf.path}: tensor {info.name!r} has {e} (use --nan-policy skip to keep "
                         "it in float)"
@@ -394,19 +576,19 @@ class QuantizeRun:
                         f"{sf.path}: tensor {info.name!r} {e}; symmetric-unsigned needs values "
                         ">= 0: use --scheme asymmetric, or --skip it"
                     ) from None
-                main_w.write(info.name, qt.data)
+                if not np.isfinite(qt.scale).all():
+                    raise CheckpointError(
+                        f"{sf.path}: tensor {info.name!r} {_SCALE_OVERFLOW} (absmax "
+                        f"{_absmax(sf, info):.4g}); --skip it to keep it in float")
                 scale_w.write(info.name, qt.scale)
                 zp_w.write(info.name, qt.zero_point)
-                stored = qt.data.nbytes + qt.scale.nbytes + qt.zero_point.nbytes
+                data_bytes = math.prod(qt.shape[:1]) * qt.out_row_items * qt.out_dtype.itemsize
+                stored = data_bytes + qt.scale.nbytes + qt.zero_point.nbytes
                 rec = TensorRecord(info.name, name, info.dtype, info.shape, spec,
                                    stats=qt.stats, original_bytes=info.nbytes,
                                    stored_bytes=stored)
-            del arr
             records.append(rec)
             yield TensorResult(rec, info.nbytes)
-        for w, fname in zip(writers, (name, scale_name, zp_name), strict=True):
-            w.close()
-            file_info[fname] = {"size": w.size, "sha256": w.sha256}
 
 
 def _write_index(path: Path, ckpt: Checkpoint, records: list[TensorRecord]) -> bytes:
@@ -487,19 +669,44 @@ def _dequantize_shard(
             return rec.dtype
 
         entries = [(r.name, out_code(r), r.shape) for r in records]
-        with SafetensorsWriter(tmp / shard, entries, main.metadata) as w:
+        # A restored checkpoint is not an artifact: no digest. A thread writes behind the
+        # compute, from a few recycled buffers.
+        buffers = _Buffers()
+        with SafetensorsWriter(tmp / shard, entries, main.metadata, digest=False,
+                               background=True) as w:
             for rec in records:
-                data = main.read(rec.name)
                 code = out_code(rec)
                 if rec.spec is None:
-                    w.write(rec.name, data if code == rec.dtype else data.astype(DTYPES[code]))
+                    _copy_tensor(main, main[rec.name], w,
+                                 None if code == rec.dtype else DTYPES[code])
                 else:
-                    restored = dequantize(
-                        data, sc.read(rec.name), zp.read(rec.name), rec.shape, rec.spec,
-                        DTYPES[code], compute_dtype(DTYPES[rec.dtype]), pool.map,
-                    )
-                    w.write(rec.name, restored)
-                yield TensorResult(rec, data.nbytes)
+                    _dequantize_streamed(main, sc, zp, rec, DTYPES[code], w, buffers, pool.map)
+                # Progress counts the restored tensor's original bytes, like its total.
+                yield TensorResult(rec, rec.original_bytes)
+
+
+def _dequantize_streamed(main: SafetensorsFile, sc: SafetensorsFile, zp: SafetensorsFile,
+                         rec: TensorRecord, out_dtype: np.dtype, w: SafetensorsWriter,
+                         buffers: _Buffers, mapper: Mapper) -> None:
+    """Dequantize one tensor run by run from the artifact's memory map into ``w``."""
+    assert rec.spec is not None
+    info = main[rec.name]
+    rows, cols = rows_cols(rec.shape)
+    width = info.numel // rows if rows else 0
+    scale, zero = sc.read(rec.name), zp.read(rec.name)
+    compute = compute_dtype(DTYPES[rec.dtype])
+    step = max(1, CHUNK_BYTES // max(1, cols * out_dtype.itemsize))
+    if rows == 0 or cols == 0:
+        w.write(rec.name, b"")
+        return
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        q = main.view(info, a * width, b * width).reshape(b - a, width)
+        nbytes = (b - a) * cols * out_dtype.itemsize
+        buf = buffers.get(nbytes)
+        out = buf[:nbytes].view(out_dtype).reshape(b - a, cols)
+        dequantize_rows(q, scale, zero, a, rec.shape, rec.spec, out, compute, mapper)
+        w.write_chunk(rec.name, out, release=functools.partial(buffers.put, buf))
 
 
 # --------------------------------------------------------------------------- measuring (report)
@@ -578,6 +785,8 @@ class DryRun:
             # `quantize` refuses this tensor; a comparison of schemes shows it as "not
             # possible with this scheme" instead of giving up on every other scheme too.
             return kept(f"{spec.scheme}: {e}")
+        if not np.isfinite(qt.scale).all():
+            return kept(f"{spec.scheme}: {_SCALE_OVERFLOW}")
         stored = qt.data.nbytes + qt.scale.nbytes + qt.zero_point.nbytes
         return TensorRecord(info.name, info.path.name, info.dtype, info.shape, spec,
                             stats=qt.stats, original_bytes=info.nbytes, stored_bytes=stored)
@@ -644,6 +853,13 @@ def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
                 f"{path}: sha256 differs from the source's ({what}); its tensor data changed"
             )
         found[entry["name"]] = path
+    if len(entries) == 1 and len(art.manifest.shards) == 1:
+        # quantize names the artifact's shard after the source file; a damaged manifest may
+        # not, and there is only one way to pair one shard with one file anyway.
+        found = {art.manifest.shards[0]: ckpt.shards[0]}
+    missing = [s for s in art.manifest.shards if s not in found]
+    if missing:
+        raise ArtifactError(f"{where}: shard {missing[0]!r:.80} is not among source.files")
     return found
 
 
@@ -690,6 +906,16 @@ class MeasureRun:
                                            zp.read(rec.name), rec.shape, rec.spec, cdt, cdt,
                                            pool.map)
                         stats = _stats_by_blocks(w, w_hat)
+                        if not math.isfinite(stats.signal_sq):
+                            raise CheckpointError(
+                                f"{orig.path}: tensor {rec.name!r} has NaN/inf values")
+                        if not all(math.isfinite(v) for v in (stats.error_sq, stats.cross,
+                                                              stats.max_abs_error)):
+                            # NaN or infinite scales: a damaged artifact, not a figure.
+                            raise ArtifactError(
+                                f"{sc.path}: tensor {rec.name!r} dequantizes to NaN or "
+                                "infinite values (see qtool verify)"
+                            )
                         yield TensorResult(replace(rec, stats=stats), rec.original_bytes)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,443 @@
+"""`make bench`: qtool at checkpoint scale, measured against `cp`, a numpy copy and a naive
+numpy quantizer in the same run, with peak memory; prints every target as met or not met.
+
+Synthetic checkpoints (generated once into bench/_data/, git-ignored):
+
+* ``fp32/model.safetensors``: 1 GiB of float32 in the shapes of a small Llama (hidden 2048,
+  MLP 5632, 5 layers, an embedding), the largest tensor 5632 x 2048 (44 MiB).
+* ``bf16/``: the same tensors in bfloat16, split over 4 shards with a Hugging Face index.
+* ``small/model.safetensors``: one layer at hidden 1024 (51 MB), for the mse-vs-minmax
+  comparison, which is a hundred times the work of minmax.
+
+Timings are wall-clock, best of ``--repeat`` (5) rounds; within a round the commands being
+compared run back to back (cp, then qtool), so a busy neighbour on a shared machine disturbs
+both sides of a ratio alike. Each command runs in its own process; its peak resident memory
+is the kernel's ru_maxrss for that process (os.wait4). Nothing here is part of qtool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench" / "_data"
+BIN = Path(sys.executable).parent
+QTOOL = [str(BIN / "qtool")] if (BIN / "qtool").exists() else [sys.executable, "-m", "qtool"]
+GiB = 1 << 30
+MB = 1e6
+
+HIDDEN, MLP, LAYERS, EMBED_ROWS = 2048, 5632, 5, 5621  # 1 GiB of float32, give or take a norm
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def llama_shapes(hidden: int, mlp: int, layers: int, embed_rows: int) -> dict[str, tuple]:
+    shapes: dict[str, tuple] = {"model.embed_tokens.weight": (embed_rows, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
+        shapes[p + "mlp.gate_proj.weight"] = (mlp, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (mlp, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, mlp)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def synth(shapes: dict[str, tuple], seed: int = 0) -> dict[str, np.ndarray]:
+    """Weight-like float32 values, cheaply: slices of one pool of normal draws (drawing 268M
+    fresh values alone would take longer than the whole benchmark), each tensor with its own
+    spread and per-row scale so that rows really differ."""
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(1 << 23, dtype=np.float32)
+    out = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            out[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+            continue
+        n = int(np.prod(shape))
+        flat = np.empty(n, np.float32)
+        pos = 0
+        while pos < n:
+            start = int(rng.integers(0, pool.size // 2))
+            take = min(n - pos, pool.size - start)
+            flat[pos:pos + take] = pool[start:start + take]
+            pos += take
+        w = flat.reshape(shape[0], -1)
+        w *= (0.02 * rng.lognormal(0.0, 0.3, size=(shape[0], 1))).astype(np.float32)
+        out[name] = flat.reshape(shape)
+    return out
+
+
+def ensure_checkpoints() -> dict[str, Path]:
+    DATA.mkdir(parents=True, exist_ok=True)
+    paths = {"fp32": DATA / "fp32" / "model.safetensors",
+             "bf16": DATA / "bf16" / "model.safetensors.index.json",
+             "small": DATA / "small" / "model.safetensors"}
+    stamp = DATA / "VERSION"
+    version = f"v1 {HIDDEN} {MLP} {LAYERS} {EMBED_ROWS}"
+    if all(p.exists() for p in paths.values()) and stamp.exists() and \
+            stamp.read_text() == version:
+        return paths
+    t0 = time.perf_counter()
+    for sub in ("fp32", "bf16", "small"):
+        shutil.rmtree(DATA / sub, ignore_errors=True)
+        (DATA / sub).mkdir()
+    tensors = synth(llama_shapes(HIDDEN, MLP, LAYERS, EMBED_ROWS))
+    save_file(tensors, str(paths["fp32"]), metadata={"format": "pt"})
+    # bf16, 4 shards, in the Hugging Face layout.
+    names = list(tensors)
+    shard_of: dict[str, str] = {}
+    total = sum(t.nbytes // 2 for t in tensors.values())
+    per_shard, shard, acc, group = total / 4, 1, 0, {}
+    for name in names:
+        group[name] = tensors[name].astype(ml_dtypes.bfloat16)
+        acc += group[name].nbytes
+        if acc >= per_shard * shard or name == names[-1]:
+            fname = f"model-{shard:05d}-of-00004.safetensors"
+            save_file(group, str(DATA / "bf16" / fname), metadata={"format": "pt"})
+            shard_of.update({n: fname for n in group})
+            group, shard = {}, shard + 1
+    index = {"metadata": {"total_size": total}, "weight_map": shard_of}
+    paths["bf16"].write_text(json.dumps(index, indent=2))
+    del tensors
+    small_shapes = llama_shapes(1024, 2816, 1, 1)
+    small_shapes.pop("model.embed_tokens.weight")
+    small = synth(small_shapes, seed=1)
+    save_file(small, str(paths["small"]), metadata={"format": "pt"})
+    stamp.write_text(version)
+    print(f"generated the checkpoints in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return paths
+
+
+# --------------------------------------------------------------------------- measuring
+
+# Runs qtool's entry point (what the `qtool` script runs) and writes the process's own peak
+# resident set (VmHWM) to a file. A child's ru_maxrss would not do: Linux folds the parent's
+# peak at the fork into it.
+_PEAK = """
+import os, sys
+sys.argv = ["qtool", *sys.argv[1:]]
+try:
+    from qtool.cli import main
+    main()
+finally:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["QTOOL_PEAK_FILE"], "w") as f:
+        f.write(str(kb * 1024))
+"""
+
+
+def timed(argv: list[str], peak: bool = False) -> tuple[float, int | None]:
+    """Wall seconds of a command (and its peak resident bytes when it is qtool)."""
+    env = dict(os.environ)
+    peak_file = DATA / "peak"
+    if peak:
+        argv = [sys.executable, "-c", _PEAK, *argv]
+        env["QTOOL_PEAK_FILE"] = str(peak_file)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bench: {' '.join(argv[-6:])} failed: {proc.stderr.decode().strip()}")
+    return seconds, int(peak_file.read_text()) if peak else None
+
+
+def rm(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def size_of(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+class Rounds:
+    """Best-of-N timings of several commands run back to back within each round."""
+
+    def __init__(self) -> None:
+        self.best: dict[str, float] = {}
+        self.peak: dict[str, int] = {}
+
+    def add(self, key: str, seconds: float, peak: int | None = None) -> None:
+        self.best[key] = min(self.best.get(key, float("inf")), seconds)
+        if peak is not None:
+            self.peak[key] = max(self.peak.get(key, 0), peak)
+
+
+def cli_rounds(src: Path, work: Path, repeat: int, sharded: bool) -> Rounds:
+    """cp, quantize and dequantize of ``src``, ``repeat`` rounds."""
+    r = Rounds()
+    copy, art = work / "copy", work / "art"
+    restored = work / ("restored" if sharded else "restored.safetensors")
+    cp_src = src.parent if sharded else src
+    for _ in range(repeat):
+        rm(copy, art, restored)
+        os.sync()  # every round starts with no dirty pages pending: less write throttling
+        r.add("cp", timed(["cp", "-r", str(cp_src), str(copy)])[0])
+        rm(copy)
+        r.add("quantize", *timed(["quantize", str(src), str(art), "-q"], peak=True))
+        r.add("dequantize", *timed(["dequantize", str(art), str(restored), "-q"], peak=True))
+    return r
+
+
+def core_child(path: Path, repeat: int) -> None:
+    """In a process of its own (its memory holds the whole checkpoint): the quantizing core
+    against a plain numpy copy and a naive numpy quantizer, all on the same in-memory
+    tensors, and the same for dequantizing. Prints JSON."""
+    from qtool.io import SafetensorsFile
+    from qtool.pipeline import _blas_single_threaded
+    from qtool.quant import dequantize, quantize
+    from qtool.schemes import QuantSpec
+
+    with SafetensorsFile(path) as f:
+        ws = [f.read(t) for t in f.tensors if len(t.shape) == 2]
+    nbytes = sum(w.nbytes for w in ws)
+    spec = QuantSpec("symmetric")  # 8 bits, per channel: what `qtool quantize` does here
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def numpy_copy() -> None:
+        for w in ws:
+            w.copy()
+
+    def naive_quantize() -> None:  # per channel, like the core, on whole tensors
+        for w in ws:
+            s = np.abs(w).max(axis=1, keepdims=True) / 127
+            np.clip(np.round(w / s), -128, 127).astype(np.int8)
+
+    qts = []
+
+    def core_quantize() -> None:
+        qts.clear()
+        for w in ws:
+            qts.append(quantize(w, spec, pool.map))
+
+    def naive_dequantize() -> None:
+        for qt in qts:
+            qt.data.astype(np.float32) * qt.scale
+
+    def core_dequantize() -> None:
+        for qt in qts:
+            dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, spec, np.float32,
+                       None, pool.map)
+
+    with _blas_single_threaded():
+        out = {"bytes": nbytes, "copy": best(numpy_copy),
+               "naive_quantize": best(naive_quantize), "core_quantize": best(core_quantize),
+               "naive_dequantize": best(naive_dequantize),
+               "core_dequantize": best(core_dequantize)}
+    print(json.dumps(out))
+
+
+def core_rounds(path: Path, repeat: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--core", str(path), "--repeat",
+                           str(repeat)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
+def readback(art: Path, restored: Path, original: Path) -> str:
+    """The files qtool wrote, opened with the safetensors library: every tensor of the
+    artifact and of the restored checkpoint, compared with the original."""
+    worst = 0.0
+    with safe_open(str(original), "numpy") as orig, \
+            safe_open(str(art / "model.safetensors"), "numpy") as q, \
+            safe_open(str(art / "model.scale.safetensors"), "numpy") as sc, \
+            safe_open(str(restored), "numpy") as back:
+        for name in orig.keys():
+            w, w_hat, stored = orig.get_tensor(name), back.get_tensor(name), q.get_tensor(name)
+            assert w_hat.dtype == w.dtype and w_hat.shape == w.shape, name
+            if w.ndim < 2:
+                assert stored.tobytes() == w.tobytes() == w_hat.tobytes(), name
+                continue
+            s = sc.get_tensor(name)
+            assert stored.dtype == np.int8 and s.shape == (w.shape[0], 1), name
+            worst = max(worst, float((np.abs(w_hat - w) / s).max()))
+    assert worst <= 0.5 + 1e-5, worst
+    return f"read back with safetensors: every tensor; max |w - w_hat| = {worst:.4f} scale"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def verdict(ok: bool) -> str:
+    return "target met" if ok else "target NOT met"
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, Python "
+            f"{platform.python_version()}, numpy {np.__version__}")
+
+
+def largest_f32(path: Path) -> int:
+    from qtool.io import open_checkpoint
+
+    return max(t.numel * 4 for t in open_checkpoint(path).tensors())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=5, help="rounds; the best one counts")
+    ap.add_argument("--core", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.core:
+        core_child(args.core, args.repeat)
+        return
+    t_start = time.perf_counter()
+    # Like an installed package: compiled once, not at every start (the environment may
+    # set PYTHONDONTWRITEBYTECODE).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "qtool")], check=True)
+    # Generated in a child: this process stays small, so nothing of it leaks into children.
+    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                    "import run; run.ensure_checkpoints()", str(ROOT / "bench")], check=True)
+    paths = {"fp32": DATA / "fp32" / "model.safetensors",
+             "bf16": DATA / "bf16" / "model.safetensors.index.json",
+             "small": DATA / "small" / "model.safetensors"}
+    work = DATA / "work"
+    rm(work)
+    work.mkdir()
+    print(f"machine: {machine()}")
+    df = subprocess.run(["df", "-hT", str(DATA)], capture_output=True, text=True).stdout
+    print(f"data on: {' '.join(df.splitlines()[-1].split()[:2])}")
+    print()
+    lines: list[str] = []
+    met: list[bool] = []
+
+    def target(text: str, ok: bool) -> None:
+        met.append(ok)
+        lines.append(f"  {verdict(ok):15s} {text}")
+
+    # ---- end to end, fp32 1 GiB
+    src = paths["fp32"]
+    size = size_of(src)
+    bound = 2 * largest_f32(src) + 150e6
+    r = cli_rounds(src, work, args.repeat, sharded=False)
+    art_size = size_of(work / "art")
+    print(f"1 GiB float32 checkpoint ({size / MB:.0f} MB, largest tensor "
+          f"{largest_f32(src) / MB:.1f} MB as float32), best of {args.repeat}:")
+    print(f"  {'command':36s} {'s':>6s} {'in GB/s':>8s} {'out GB/s':>8s} {'peak RSS':>9s} "
+          f"{'x cp':>6s}")
+    cp = r.best["cp"]
+    print(f"  {'cp model.safetensors':36s} {cp:6.3f} {size / cp / 1e9:8.2f} "
+          f"{size / cp / 1e9:8.2f} {'':>9s} {1:6.2f}")
+    for key, label, n_in, n_out in (
+            ("quantize", "qtool quantize --scheme symmetric", size, art_size),
+            ("dequantize", "qtool dequantize", art_size, size)):
+        s = r.best[key]
+        print(f"  {label:36s} {s:6.3f} {n_in / s / 1e9:8.2f} {n_out / s / 1e9:8.2f} "
+              f"{r.peak[key] / MB:7.0f}MB {s / cp:6.2f}")
+        target(f"{label}: {s / cp:.2f}x cp (<= 2x)", s <= 2 * cp)
+        target(f"{label}: peak RSS {r.peak[key] / MB:.0f} MB <= 2 x largest tensor + 150 MB "
+               f"= {bound / MB:.0f} MB, and < 0.5 x checkpoint = {0.5 * size / MB:.0f} MB",
+               r.peak[key] <= bound and r.peak[key] < 0.5 * size)
+    print(f"  {readback(work / 'art', work / 'restored.safetensors', src)}")
+    t_digest, _ = timed(["quantize", str(src), str(work / "art-digest"), "-q",
+                         "--source-digest"], peak=True)
+    print(f"  (opt-in --source-digest, outside the targets, one run: {t_digest:.3f} s, "
+          f"{t_digest / cp:.2f}x cp)")
+    rm(work / "art-digest", work / "art", work / "restored.safetensors")
+    print()
+
+    # ---- the quantizing core, in memory
+    c = core_rounds(src, args.repeat)
+    gb = c["bytes"] / 1e9
+    print(f"quantizing core on the same tensors in memory ({c['bytes'] / MB:.0f} MB of float32 "
+          f"2-D tensors, {os.cpu_count()} threads), best of {args.repeat}:")
+    print(f"  {'':36s} {'s':>6s} {'GB/s':>8s} {'x copy':>7s} {'x naive':>8s}")
+    print(f"  {'numpy copy':36s} {c['copy']:6.3f} {gb / c['copy']:8.2f} {1:7.2f}")
+    for kind in ("quantize", "dequantize"):
+        naive, core = c[f"naive_{kind}"], c[f"core_{kind}"]
+        print(f"  {'naive numpy ' + kind:36s} {naive:6.3f} {gb / naive:8.2f} "
+              f"{c['copy'] / naive:7.2f} {1:8.2f}")
+        print(f"  {'qtool core ' + kind:36s} {core:6.3f} {gb / core:8.2f} "
+              f"{c['copy'] / core:7.2f} {naive / core:8.2f}")
+        target(f"core {kind}: {c['copy'] / core:.2f}x the throughput of a numpy copy (>= 0.40)",
+               c["copy"] / core >= 0.40)
+        target(f"core {kind}: {naive / core:.2f}x the throughput of naive numpy (>= 3)",
+               naive / core >= 3)
+    print()
+
+    # ---- bf16, sharded
+    src = paths["bf16"]
+    size = size_of(src.parent)
+    bound = 2 * largest_f32(src) + 150e6
+    reps = max(1, min(args.repeat, 3))
+    r = cli_rounds(src, work, reps, sharded=True)
+    cp = r.best["cp"]
+    print(f"bfloat16 checkpoint in 4 shards with an index ({size / MB:.0f} MB), best of {reps}:")
+    print(f"  {'cp -r the directory':36s} {cp:6.3f} {size / cp / 1e9:8.2f} GB/s")
+    for key in ("quantize", "dequantize"):
+        s = r.best[key]
+        print(f"  {'qtool ' + key:36s} {s:6.3f} {size / s / 1e9:8.2f} GB/s (checkpoint bytes) "
+              f"{r.peak[key] / MB:5.0f} MB peak RSS  {s / cp:5.2f}x cp")
+        target(f"bf16 sharded {key}: peak RSS {r.peak[key] / MB:.0f} MB <= "
+               f"{bound / MB:.0f} MB", r.peak[key] <= bound)
+    restored = sorted(p.name for p in (work / "restored").iterdir())
+    original = sorted(p.name for p in src.parent.iterdir())
+    target(f"bf16 sharded: dequantize restores the same files ({len(restored)}: the shards and "
+           "the index)", restored == original)
+    rm(work / "art", work / "restored")
+    print()
+
+    # ---- mse vs minmax at 4 bits
+    src = paths["small"]
+    t_mm = min(timed(["quantize", str(src), str(work / f"mm{i}"), "-q", "--bits", "4"])[0]
+               for i in range(3))
+    t_mse = timed(["quantize", str(src), str(work / "mse"), "-q", "--bits", "4",
+                   "--range", "mse"])[0]
+    print(f"4-bit symmetric on a {size_of(src) / MB:.0f} MB float32 checkpoint: --range minmax "
+          f"{t_mm:.3f} s, --range mse {t_mse:.2f} s: mse is {t_mse / t_mm:.1f}x slower "
+          "(it tries 100 clipping ranges per row)")
+    print()
+
+    # ---- startup
+    t_ver = min(timed([*QTOOL, "--version"])[0] for _ in range(10))
+    print(f"qtool --version: {t_ver * 1000:.0f} ms (best of 10)")
+    target(f"qtool --version in {t_ver * 1000:.0f} ms (< 150 ms)", t_ver < 0.150)
+    rm(work)
+
+    total = time.perf_counter() - t_start
+    target(f"the benchmark took {total:.0f} s (< 300 s)", total < 300)
+    print()
+    print(f"targets ({sum(met)} of {len(met)} met):")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
