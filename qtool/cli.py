@@ -244,8 +244,9 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
               help="Worker threads (default 0: one per core).")
 @click.option("--verify", "verify_", is_flag=True,
               help="Check every file's size and sha256 against the manifest first.")
+@click.option("--force", is_flag=True, help="Replace an existing OUT file.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
-def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool,
+def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, force: bool,
                quiet: bool) -> int:
     """Restore a float checkpoint from the artifact ART_DIR into OUT (a .safetensors file, or
     a directory for a sharded artifact)."""
@@ -253,7 +254,7 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool,
     from qtool.pipeline import dequantize_artifact
 
     t0 = time.perf_counter()
-    results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_)
+    results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
     m = Artifact.open(art_dir).manifest
     total = sum(t.original_bytes for t in m.tensors)
     n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",

@@ -610,7 +610,7 @@ OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 def dequantize_artifact(
     art_dir: str | Path, out: str | Path, dtype: str = "original", jobs: int = 0,
-    verify: bool = False,
+    verify: bool = False, force: bool = False,
 ) -> Iterator[TensorResult]:
     """Restore a float checkpoint from an artifact. For a sharded artifact ``out`` is a
     directory that receives the shards and the index under their original names. ``verify``
@@ -623,16 +623,19 @@ def dequantize_artifact(
         raise SpecError(f"unknown --dtype {dtype!r}; choose original, {', '.join(OUT_DTYPES)}")
     if out.resolve() == art.root.resolve() or art.root.resolve() in out.resolve().parents:
         raise OutputError(f"{out}: output would be written inside the artifact {art.root}")
+    if art.manifest.index is not None:
+        _check_output_dir(out, [art.root], force=False)
+    elif out.is_dir():
+        raise OutputError(f"{out}: is a directory; give the restored .safetensors file's path")
+    elif out.exists() and not force:
+        # It could be the user's original checkpoint: never replace a file unasked.
+        raise OutputError(f"{out}: file exists (use --force to replace it)")
     return _dequantize_run(art, out, dtype, jobs)
 
 
 def _dequantize_run(art: Artifact, out: Path, dtype: str, jobs: int) -> Iterator[TensorResult]:
     m = art.manifest
     sharded = m.index is not None
-    if sharded:
-        _check_output_dir(out, [art.root], force=False)
-    elif out.is_dir():
-        raise OutputError(f"{out}: is a directory; give the restored .safetensors file's path")
     stage = _Staging(out)
     pool = ThreadPoolExecutor(max_workers=_jobs(jobs))
     try:

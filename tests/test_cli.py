@@ -257,3 +257,16 @@ def test_bf16_input_round_trip_keeps_dtype(tmp_path):
     rel = np.abs(back["w"].astype(np.float32) - w.astype(np.float32)).max() / np.abs(
         w.astype(np.float32)).max()
     assert rel < 1 / 127
+
+
+def test_dequantize_never_replaces_a_file_unasked(ckpt, tmp_path):
+    out = tmp_path / "o"
+    run("quantize", ckpt, out, "-q")
+    before = ckpt.read_bytes()
+    r = run("dequantize", out, ckpt, expect=2)
+    assert "exists" in r.stderr and "--force" in r.stderr
+    assert ckpt.read_bytes() == before
+    target = tmp_path / "r.safetensors"
+    target.write_bytes(b"old")
+    run("dequantize", out, target, "--force", "-q")
+    assert set(load_file(str(target))) == set(make_tensors())
