@@ -197,8 +197,9 @@ def cli_rounds(src: Path, work: Path, repeat: int, sharded: bool) -> Rounds:
         os.sync()  # every round starts with no dirty pages pending: less write throttling
         r.add("cp", timed(["cp", "-r", str(cp_src), str(copy)])[0])
         rm(copy)
-        r.add("quantize", *timed(["quantize", str(src), str(art), "-q"], peak=True))
-        r.add("dequantize", *timed(["dequantize", str(art), str(restored), "-q"], peak=True))
+        # As a script runs them: no --quiet, so the summary is built and printed (to a pipe).
+        r.add("quantize", *timed(["quantize", str(src), str(art)], peak=True))
+        r.add("dequantize", *timed(["dequantize", str(art), str(restored)], peak=True))
     return r
 
 

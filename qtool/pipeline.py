@@ -154,7 +154,10 @@ def decide(info: TensorInfo, opts: QuantizeOptions) -> tuple[QuantSpec | None, s
             if rule.skip:
                 return None, f"recipe rule {rule.match!r}: skip"
             try:
-                spec = spec.with_(**dict(rule.settings))
+                settings = dict(rule.settings)
+                spec = spec.with_(**settings)
+                if spec.scheme == "gnmt" and settings.get("granularity", "channel") != "channel":
+                    raise SpecError(f"scheme gnmt is always per row, not {settings['granularity']}")
             except (SpecError, TypeError) as e:
                 raise SpecError(f"{rule.label} on tensor {info.name!r}: {e}") from None
             break
@@ -211,6 +214,12 @@ class _Staging:
     def __init__(self, target: Path) -> None:
         self.target = target
         parent = target.parent
+        # Remember the outermost directory this run creates, so a failure removes it again.
+        self.created: Path | None = None
+        for p in [parent, *parent.parents]:
+            if p.exists():
+                break
+            self.created = p
         parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.qtool-tmp-", dir=parent))
         # mkdtemp makes the directory 0700; the published artifact gets the usual umask mode.
@@ -240,6 +249,8 @@ class _Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -277,7 +288,11 @@ def _sha256_file(path: Path) -> str:
 
 # Bytes of input (quantize) or output (dequantize) per run: large enough that per-run costs
 # (a map, a pool round, a queue hand-off) vanish, small enough for a few to sit in memory.
+# Quantizing holds one run of input and three quarter-size runs of output at a time: its
+# runs are larger, so that each gives the pool many tasks and the threads rarely wait for
+# each other at the end of a run. Dequantizing holds three runs of float output.
 CHUNK_BYTES = 16 << 20
+QUANTIZE_CHUNK_BYTES = 64 << 20
 # Output buffers in rotation: one being filled, one being written, one spare.
 _BUFFERS = 3
 
@@ -349,7 +364,7 @@ def _quantize_streamed(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec,
     def rows_of(a: int, b: int) -> np.ndarray:
         return sf.view(info, a * cols, b * cols).reshape(b - a, cols)
 
-    max_elements = max(1, CHUNK_BYTES // info.np_dtype.itemsize)
+    max_elements = max(1, QUANTIZE_CHUNK_BYTES // info.np_dtype.itemsize)
     if tq.needs_tensor_range:
         tq.set_tensor_range(rows_of, mapper, max_elements)
     width = tq.out_row_items

@@ -25,9 +25,9 @@ from qtool.schemes import QParams, QuantSpec, qparams, quantize_values
 
 # Elements per block: a block's float32 values and its scratch stay within a core's L2
 # (see docs/PERFORMANCE.md for the measurement behind this size).
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 19
 # Values per thread-pool task (whole blocks); the task's rows get their ranges at once.
-TASK_ELEMENTS = 1 << 21
+TASK_ELEMENTS = 1 << 20
 # Per-thread scratch buffers up to this many elements are kept for the next block.
 _SCRATCH_KEEP_ELEMENTS = 1 << 22
 

@@ -697,7 +697,8 @@ def _totals_lines(report: Report) -> list[tuple[str, str, list[str]]]:
     ts, es = report.totals, report.energy
     t0 = ts[0]
     lines: list[tuple[str, str, list[str]]] = [
-        ("tensors quantized", str(t0.tensors), [str(t.quantized) for t in ts]),
+        ("tensors", str(t0.tensors), [str(t.tensors) for t in ts]),
+        ("tensors quantized", "", [str(t.quantized) for t in ts]),
         ("tensors kept in float", "", [str(t.passthrough) for t in ts]),
         ("tensor bytes", human_bytes(t0.bytes_before), [human_bytes(t.bytes_after) for t in ts]),
         ("compression", "", [_fmt_ratio(t.ratio) for t in ts]),
@@ -776,7 +777,9 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
     # ("layers.12.self_attn.q_proj.weight") stays on one line at 80 columns. Columns of the
     # same priority (one metric for every dry-run scheme) are shown all together or not at
     # all, so that the schemes can be compared.
-    budget = width - min(name_col.width, max(NAME_MIN_WIDTH, int(width * 0.45)))
+    # The name column is never narrower than NAME_MIN_WIDTH, even for short names: reserve
+    # what it will really take, or the numeric columns get cropped.
+    budget = width - max(NAME_MIN_WIDTH, min(name_col.width, int(width * 0.45)))
     chosen: list[_Col] = []
     for prio in sorted({c.priority for c in cols}):
         tier = [c for c in cols if c.priority == prio]
@@ -787,7 +790,7 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
     shown = [c for c in cols if c in chosen]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
                   padding=(0, 1), header_style="bold")
-    table.add_column(name_col.header, overflow="fold", ratio=1, min_width=NAME_MIN_WIDTH)
+    table.add_column(name_col.header, overflow="fold", min_width=NAME_MIN_WIDTH)
     for c in shown:
         table.add_column(c.header, justify=c.justify, no_wrap=True)  # type: ignore[arg-type]
     for i, name in enumerate(names):

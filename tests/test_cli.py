@@ -270,3 +270,21 @@ def test_dequantize_never_replaces_a_file_unasked(ckpt, tmp_path):
     target.write_bytes(b"old")
     run("dequantize", out, target, "--force", "-q")
     assert set(load_file(str(target))) == set(make_tensors())
+
+
+def test_gnmt_refuses_another_granularity(ckpt, tmp_path):
+    r = run("quantize", ckpt, tmp_path / "o", "--scheme", "gnmt", "--granularity", "tensor",
+            expect=2)
+    _assert_bad(r, "gnmt is always per row")
+    assert not (tmp_path / "o").exists()
+
+
+def test_failed_run_leaves_no_parent_directories(tmp_path):
+    src = write_checkpoint(tmp_path / "m.safetensors",
+                           {"neg.weight": np.full((2, 2), -1.0, np.float32)})
+    r = run("quantize", src, tmp_path / "p1" / "p2" / "out", "--scheme", "symmetric-unsigned",
+            expect=2)
+    _assert_bad(r, "neg.weight")
+    assert not (tmp_path / "p1").exists()
+    run("quantize", src, tmp_path / "p1" / "p2" / "out", "-q")
+    assert (tmp_path / "p1" / "p2" / "out" / "qtool.json").is_file()

@@ -257,6 +257,7 @@ def test_output_is_byte_identical_whatever_jobs(tmp_path, monkeypatch, args):
     monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(quant, "TASK_ELEMENTS", 3000)
     monkeypatch.setattr(pipeline, "CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(pipeline, "QUANTIZE_CHUNK_BYTES", 30_000)
     src = _mixed_checkpoint(tmp_path / "model.safetensors")
     arts, restored = [], []
     for jobs in (1, 2, 4):
