@@ -55,6 +55,20 @@ def _fail(msg: str) -> None:
     click.echo(f"qtool: error: {_one_line(msg)}", err=True)
 
 
+class FilePath(click.Path):
+    """A filesystem path; ``-`` is refused, since qtool reads and writes files, not streams."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if str(value) == "-":
+            self.fail("'-' (standard input/output) is not supported; give a file path",
+                      param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class QtoolGroup(click.Group):
     """Maps every expected error to a one-line message and an exit code, never a traceback."""
 
@@ -128,7 +142,8 @@ def spec_options(f: Any) -> Any:
                      help="How to pick the clipping range: min/max, a percentile of |w|, or "
                           "the clip that minimises the squared error."),
         click.option("--percentile", type=float, default=99.99, show_default=True,
-                     help="Percentile of |w| for --range percentile."),
+                     help="With --range percentile: clip at this percentile of |w| "
+                          "(asymmetric: at the P and 100-P percentiles of w)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -179,8 +194,8 @@ def _show_progress(quiet: bool) -> bool:
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("src", type=FilePath())
+@click.argument("out_dir", type=FilePath())
 @click.option("--scheme", "-s", type=click.Choice(SCHEME_CHOICES), default="symmetric",
               show_default=True, help="Quantization scheme (see README for the formulas).")
 @spec_options
@@ -188,7 +203,7 @@ def _show_progress(quiet: bool) -> bool:
               help="Keep tensors whose name matches in float (repeatable).")
 @click.option("--only", multiple=True, metavar="GLOB",
               help="Quantize only tensors whose name matches (repeatable).")
-@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+@click.option("--recipe", type=FilePath(), default=None,
               help="TOML file of per-tensor rules (see docs/RECIPES.md).")
 @click.option("--allow-unused-rules", is_flag=True,
               help="A recipe rule that matches nothing is a warning, not an error.")
@@ -251,8 +266,8 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
 
 
 @cli.command()
-@click.argument("art_dir", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("art_dir", type=FilePath())
+@click.argument("out", type=FilePath())
 @click.option("--dtype", type=click.Choice(["original", "float32", "float16", "bfloat16"]),
               default="original", show_default=True,
               help="dtype of the restored float tensors (integer tensors keep theirs).")
@@ -282,7 +297,7 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, f
 
 
 @cli.command()
-@click.argument("art_dir", type=click.Path(path_type=Path))
+@click.argument("art_dir", type=FilePath())
 @click.option("--quiet", "-q", is_flag=True, help="Print only the problems, if any.")
 def verify(art_dir: Path, quiet: bool) -> int:
     """Check the artifact ART_DIR: every file's size and sha256 against qtool.json, every
@@ -317,7 +332,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path), default=Path("."), required=False)
+@click.argument("path", type=FilePath(), default=Path("."), required=False)
 @click.option("--scheme", "-s", "schemes", type=click.Choice(SCHEME_CHOICES), multiple=True,
               help="Dry run of a plain checkpoint: a scheme to try, one column group each "
                    "(repeatable; default symmetric).")
@@ -326,7 +341,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
               help="Dry run: keep tensors whose name matches in float (repeatable).")
 @click.option("--only", multiple=True, metavar="GLOB",
               help="Dry run: quantize only tensors whose name matches (repeatable).")
-@click.option("--original", type=click.Path(path_type=Path), default=None,
+@click.option("--original", type=FilePath(), default=None,
               help="Artifact: measure the error again against this original checkpoint "
                    "(its size and digests must match the manifest's).")
 @click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="table",
@@ -342,7 +357,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
               help="Exit 1 if any quantized tensor's SQNR is below DB dB.")
 @click.option("--max-error", type=click.FloatRange(min=0), default=None, metavar="X",
               help="Exit 1 if any quantized tensor's max absolute error is above X.")
-@click.option("--energy-model", type=click.Path(path_type=Path), default=None,
+@click.option("--energy-model", type=FilePath(), default=None,
               metavar="FILE.json", help="Energy figures in pJ (see docs/ENERGY.md).")
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads for a dry run or --original (default 0: one per core).")

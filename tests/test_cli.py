@@ -288,3 +288,9 @@ def test_failed_run_leaves_no_parent_directories(tmp_path):
     assert not (tmp_path / "p1").exists()
     run("quantize", src, tmp_path / "p1" / "p2" / "out", "-q")
     assert (tmp_path / "p1" / "p2" / "out" / "qtool.json").is_file()
+
+
+def test_dash_is_not_a_path(ckpt, tmp_path):
+    _assert_bad(run("quantize", ckpt, "-", expect=2), "'-'")
+    _assert_bad(run("quantize", "-", tmp_path / "o", expect=2), "'-'")
+    assert not (tmp_path / "o").exists()
