@@ -401,6 +401,10 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
                                                 ParameterSource.ENVIRONMENT)]
     show = _show_progress(quiet)
     checks = {"energy_model": model, "fail_under_sqnr": fail_under_sqnr, "max_error": max_error}
+    if path.is_file() and (path.parent / MANIFEST).is_file():
+        # qtool.json itself, or one of an artifact's files: the artifact is the directory.
+        raise click.BadParameter(f"{path} is part of a qtool artifact; report the directory "
+                                 f"{path.parent}", param_hint="PATH")
     if path.is_dir() and (path / MANIFEST).exists():
         if given:
             raise click.UsageError(f"{given[0]} applies to a dry run of a plain checkpoint; "

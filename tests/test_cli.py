@@ -294,3 +294,10 @@ def test_dash_is_not_a_path(ckpt, tmp_path):
     _assert_bad(run("quantize", ckpt, "-", expect=2), "'-'")
     _assert_bad(run("quantize", "-", tmp_path / "o", expect=2), "'-'")
     assert not (tmp_path / "o").exists()
+
+
+def test_report_on_a_file_inside_an_artifact_points_to_the_directory(ckpt, tmp_path):
+    out = tmp_path / "o"
+    run("quantize", ckpt, out, "-q")
+    for name in ("qtool.json", "model.safetensors"):
+        _assert_bad(run("report", out / name, expect=2), "part of a qtool artifact", str(out))
