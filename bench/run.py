@@ -251,11 +251,21 @@ def core_child(path: Path, repeat: int) -> None:
             dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, spec, np.float32,
                        None, pool.map)
 
+    import qtool.quant as quant
+
     with _blas_single_threaded():
         out = {"bytes": nbytes, "copy": best(numpy_copy),
                "naive_quantize": best(naive_quantize), "core_quantize": best(core_quantize),
                "naive_dequantize": best(naive_dequantize),
                "core_dequantize": best(core_dequantize)}
+        # The block size, swept (the default is measured again, in the same conditions).
+        sweep = {}
+        default = quant.BLOCK_ELEMENTS, quant.TASK_ELEMENTS
+        for block in (1 << 16, 1 << 18, default[0], 1 << 21):
+            quant.BLOCK_ELEMENTS, quant.TASK_ELEMENTS = block, max(2 * block, default[1])
+            sweep[block] = best(core_quantize)
+        quant.BLOCK_ELEMENTS, quant.TASK_ELEMENTS = default
+        out["block_sweep"] = sweep
     print(json.dumps(out))
 
 
@@ -351,7 +361,8 @@ def main() -> None:
     r = cli_rounds(src, work, args.repeat, sharded=False)
     art_size = size_of(work / "art")
     print(f"1 GiB float32 checkpoint ({size / MB:.0f} MB, largest tensor "
-          f"{largest_f32(src) / MB:.1f} MB as float32), best of {args.repeat}:")
+          f"{largest_f32(src) / MB:.1f} MB as float32), best of {args.repeat}; the memory "
+          f"bound is {bound / MB:.0f} MB, the checkpoint {size / bound:.1f}x that:")
     print(f"  {'command':36s} {'s':>6s} {'in GB/s':>8s} {'out GB/s':>8s} {'peak RSS':>9s} "
           f"{'x cp':>6s}")
     cp = r.best["cp"]
@@ -392,6 +403,11 @@ def main() -> None:
                c["copy"] / core >= 0.40)
         target(f"core {kind}: {naive / core:.2f}x the throughput of naive numpy (>= 3)",
                naive / core >= 3)
+    from qtool.quant import BLOCK_ELEMENTS
+
+    sweep = ", ".join(f"{int(b) >> 10}k{' (default)' if int(b) == BLOCK_ELEMENTS else ''}: "
+                      f"{gb / t:.2f}" for b, t in c["block_sweep"].items())
+    print(f"  core quantize GB/s by values per block: {sweep}")
     print()
 
     # ---- bf16, sharded

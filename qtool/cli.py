@@ -328,7 +328,9 @@ REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
 # Options that only make sense for a dry run over a plain checkpoint.
 DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
                   "group_size": "--group-size", "range_": "--range",
-                  "percentile": "--percentile", "skip": "--skip", "only": "--only"}
+                  "percentile": "--percentile", "skip": "--skip", "only": "--only",
+                  "recipe": "--recipe", "allow_unused_rules": "--allow-unused-rules",
+                  "nan_policy": "--nan-policy"}
 
 
 @cli.command()
@@ -341,6 +343,12 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
               help="Dry run: keep tensors whose name matches in float (repeatable).")
 @click.option("--only", multiple=True, metavar="GLOB",
               help="Dry run: quantize only tensors whose name matches (repeatable).")
+@click.option("--recipe", type=FilePath(), default=None,
+              help="Dry run: per-tensor rules, as for quantize (docs/RECIPES.md).")
+@click.option("--allow-unused-rules", is_flag=True,
+              help="Dry run: a recipe rule that matches nothing is a warning, not an error.")
+@click.option("--nan-policy", type=click.Choice(["error", "skip"]), default="error",
+              show_default=True, help="Dry run: a tensor with NaN/inf fails, or is kept.")
 @click.option("--original", type=FilePath(), default=None,
               help="Artifact: measure the error again against this original checkpoint "
                    "(its size and digests must match the manifest's).")
@@ -367,7 +375,8 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.pass_context
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
            bits: int, group_size: int, range_: str, percentile: float, skip: tuple[str, ...],
-           only: tuple[str, ...], original: Path | None, fmt: str, sort: str | None,
+           only: tuple[str, ...], recipe: Path | None, allow_unused_rules: bool,
+           nan_policy: str, original: Path | None, fmt: str, sort: str | None,
            top: int | None, fail_under_sqnr: float | None, max_error: float | None,
            energy_model: Path | None, jobs: int, verify_: bool, quiet: bool) -> int:
     """Per-tensor error, compression, memory and energy estimates of PATH (default: the
@@ -436,8 +445,15 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         specs = [_make_spec(s, granularity, bits, group_size, range_, percentile)
                  for s in dict.fromkeys(schemes or ("symmetric",))]
         try:
-            drun = dry_run(path, specs, QuantizeOptions(spec=specs[0], skip=skip, only=only,
-                                                        jobs=jobs))
+            rules: tuple = ()
+            if recipe is not None:
+                from qtool.recipe import load_recipe
+
+                rules = load_recipe(recipe)
+            opts = QuantizeOptions(spec=specs[0], skip=skip, only=only, rules=rules,
+                                   allow_unused_rules=allow_unused_rules,
+                                   nan_policy=nan_policy, jobs=jobs)
+            drun = dry_run(path, specs, opts)
         except CheckpointError as e:
             if path.is_dir():  # most likely a mistyped artifact directory
                 raise ReportError(f"{path}: neither a qtool artifact (no {MANIFEST}) nor a "

@@ -73,8 +73,8 @@ class ErrorStats:
         """cos(w, w_hat); 1.0 when both are all zero, 0.0 when only one is."""
         dot = self.signal_sq + self.cross
         recon_sq = max(self.signal_sq + 2.0 * self.cross + self.error_sq, 0.0)
-        if self.signal_sq == 0.0 and recon_sq == 0.0:
-            return 1.0
+        if self.error_sq == 0.0:
+            return 1.0  # an exact round trip (w_hat == w), all-zero tensors included
         if self.signal_sq == 0.0 or recon_sq == 0.0:
             return 0.0
         # Two square roots: the product of two tiny sums could underflow to 0.

@@ -804,3 +804,30 @@ def test_original_with_a_nan_scale_exits_2(tmp_path):
     save_file(scales, str(path))
     res = run("report", out, "--original", src, "--format", "json", expect=2)
     assert "'head.weight64' dequantizes to NaN" in res.stderr and res.stdout == ""
+
+
+def test_dry_run_takes_recipe_and_nan_policy(tmp_path):
+    from tests.conftest import write_checkpoint
+
+    rng = np.random.default_rng(4)
+    bad = rng.normal(size=(8, 8)).astype(np.float32)
+    bad[2, 3] = np.nan
+    src = write_checkpoint(tmp_path / "m.safetensors", {
+        "a.mlp.weight": rng.normal(size=(8, 64)).astype(np.float32),
+        "a.attn.weight": rng.normal(size=(8, 8)).astype(np.float32),
+        "bad.weight": bad,
+    })
+    r = run("report", src, "--format", "json", expect=2)
+    assert "bad.weight" in r.stderr and "1 NaN/inf value" in r.stderr
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[rule]]\nmatch = "*.mlp.*"\nbits = 4\ngranularity = "group"\n'
+                      'group_size = 16\n')
+    doc = json.loads(run("report", src, "--format", "json", "--recipe", recipe,
+                         "--nan-policy", "skip").stdout)
+    rows = {t["name"]: t for t in doc["tensors"]}
+    mlp = rows["a.mlp.weight"]["results"]["symmetric"]
+    assert (mlp["bits"], mlp["granularity"], mlp["group_size"]) == (4, "group", 16)
+    assert rows["a.attn.weight"]["results"]["symmetric"]["bits"] == 8
+    assert "NaN" in rows["bad.weight"]["results"]["symmetric"]["passthrough"]
+    # packed 4-bit: 8 rows x 32 bytes, plus 8 x 4 scales and zero points (float32, int32)
+    assert mlp["quantized_bytes"] == 8 * 32 + 2 * 8 * 4 * 4
