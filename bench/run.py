@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -90,14 +91,15 @@ def ensure_checkpoints() -> dict[str, Path]:
     DATA.mkdir(parents=True, exist_ok=True)
     paths = {"fp32": DATA / "fp32" / "model.safetensors",
              "bf16": DATA / "bf16" / "model.safetensors.index.json",
-             "small": DATA / "small" / "model.safetensors"}
+             "small": DATA / "small" / "model.safetensors",
+             "layer": DATA / "layer" / "model.safetensors"}
     stamp = DATA / "VERSION"
-    version = f"v1 {HIDDEN} {MLP} {LAYERS} {EMBED_ROWS}"
+    version = f"v2 {HIDDEN} {MLP} {LAYERS} {EMBED_ROWS}"
     if all(p.exists() for p in paths.values()) and stamp.exists() and \
             stamp.read_text() == version:
         return paths
     t0 = time.perf_counter()
-    for sub in ("fp32", "bf16", "small"):
+    for sub in ("fp32", "bf16", "small", "layer"):
         shutil.rmtree(DATA / sub, ignore_errors=True)
         (DATA / sub).mkdir()
     tensors = synth(llama_shapes(HIDDEN, MLP, LAYERS, EMBED_ROWS))
@@ -118,6 +120,10 @@ def ensure_checkpoints() -> dict[str, Path]:
     index = {"metadata": {"total_size": total}, "weight_map": shard_of}
     paths["bf16"].write_text(json.dumps(index, indent=2))
     del tensors
+    # One layer of the 1 GiB model: the same largest tensor, a fifth of the bytes.
+    layer_shapes = llama_shapes(HIDDEN, MLP, 1, 1)
+    layer_shapes.pop("model.embed_tokens.weight")
+    save_file(synth(layer_shapes, seed=2), str(paths["layer"]), metadata={"format": "pt"})
     small_shapes = llama_shapes(1024, 2816, 1, 1)
     small_shapes.pop("model.embed_tokens.weight")
     small = synth(small_shapes, seed=1)
@@ -192,14 +198,19 @@ def cli_rounds(src: Path, work: Path, repeat: int, sharded: bool) -> Rounds:
     copy, art = work / "copy", work / "art"
     restored = work / ("restored" if sharded else "restored.safetensors")
     cp_src = src.parent if sharded else src
-    for _ in range(repeat):
+    for i in range(repeat):
         rm(copy, art, restored)
-        os.sync()  # every round starts with no dirty pages pending: less write throttling
+        # Each round starts with no dirty pages pending, and every output is deleted as soon
+        # as it is no longer needed: the kernel throttles writers once too much unwritten
+        # data piles up, which would land on whichever command comes next (cp included).
+        os.sync()
         r.add("cp", timed(["cp", "-r", str(cp_src), str(copy)])[0])
         rm(copy)
         # As a script runs them: no --quiet, so the summary is built and printed (to a pipe).
         r.add("quantize", *timed(["quantize", str(src), str(art)], peak=True))
         r.add("dequantize", *timed(["dequantize", str(art), str(restored)], peak=True))
+        if i < repeat - 1:  # the last round's files are checked afterwards
+            rm(restored)
     return r
 
 
@@ -242,6 +253,10 @@ def core_child(path: Path, repeat: int) -> None:
         for w in ws:
             qts.append(quantize(w, spec, pool.map))
 
+    def core_quantize_1_thread() -> None:
+        for w in ws:
+            quantize(w, spec)
+
     def naive_dequantize() -> None:
         for qt in qts:
             qt.data.astype(np.float32) * qt.scale
@@ -256,6 +271,7 @@ def core_child(path: Path, repeat: int) -> None:
     with _blas_single_threaded():
         out = {"bytes": nbytes, "copy": best(numpy_copy),
                "naive_quantize": best(naive_quantize), "core_quantize": best(core_quantize),
+               "core_quantize_1_thread": best(core_quantize_1_thread),
                "naive_dequantize": best(naive_dequantize),
                "core_dequantize": best(core_dequantize)}
         # The block size, swept (the default is measured again, in the same conditions).
@@ -316,6 +332,22 @@ def machine() -> str:
             f"{platform.python_version()}, numpy {np.__version__}")
 
 
+def busy_seconds() -> float:
+    """CPU seconds spent by the whole machine (all processes) so far, from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_seconds() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def largest_f32(path: Path) -> int:
     from qtool.io import open_checkpoint
 
@@ -331,6 +363,7 @@ def main() -> None:
         core_child(args.core, args.repeat)
         return
     t_start = time.perf_counter()
+    busy0, own0 = busy_seconds(), own_seconds()
     # Like an installed package: compiled once, not at every start (the environment may
     # set PYTHONDONTWRITEBYTECODE).
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "qtool")], check=True)
@@ -339,7 +372,8 @@ def main() -> None:
                     "import run; run.ensure_checkpoints()", str(ROOT / "bench")], check=True)
     paths = {"fp32": DATA / "fp32" / "model.safetensors",
              "bf16": DATA / "bf16" / "model.safetensors.index.json",
-             "small": DATA / "small" / "model.safetensors"}
+             "small": DATA / "small" / "model.safetensors",
+             "layer": DATA / "layer" / "model.safetensors"}
     work = DATA / "work"
     rm(work)
     work.mkdir()
@@ -368,6 +402,7 @@ def main() -> None:
     cp = r.best["cp"]
     print(f"  {'cp model.safetensors':36s} {cp:6.3f} {size / cp / 1e9:8.2f} "
           f"{size / cp / 1e9:8.2f} {'':>9s} {1:6.2f}")
+    q_fp32, q_fp32_peak = r.best["quantize"], r.peak["quantize"]
     for key, label, n_in, n_out in (
             ("quantize", "qtool quantize --scheme symmetric", size, art_size),
             ("dequantize", "qtool dequantize", art_size, size)):
@@ -399,6 +434,10 @@ def main() -> None:
               f"{c['copy'] / naive:7.2f} {1:8.2f}")
         print(f"  {'qtool core ' + kind:36s} {core:6.3f} {gb / core:8.2f} "
               f"{c['copy'] / core:7.2f} {naive / core:8.2f}")
+        if kind == "quantize":
+            one = c["core_quantize_1_thread"]
+            print(f"  {'  (the same on 1 thread)':36s} {one:6.3f} {gb / one:8.2f} "
+                  f"{c['copy'] / one:7.2f} {naive / one:8.2f}")
         target(f"core {kind}: {c['copy'] / core:.2f}x the throughput of a numpy copy (>= 0.40)",
                c["copy"] / core >= 0.40)
         target(f"core {kind}: {naive / core:.2f}x the throughput of naive numpy (>= 3)",
@@ -432,6 +471,28 @@ def main() -> None:
     rm(work / "art", work / "restored")
     print()
 
+    # ---- how time and memory grow with size
+    tiny = work / "tiny.safetensors"
+    save_file({"w": np.ones((4, 4), np.float32)}, str(tiny))
+    print("growth with size, qtool quantize --scheme symmetric, best of 3 (the 1 GiB row: "
+          "above):")
+    t0 = min(timed(["quantize", str(tiny), str(work / f"t{i}")], peak=True)[0]
+             for i in range(3))
+    print(f"  {'16 values (start-up and finish)':36s} {t0:6.3f} s")
+    for label, path, secs, peak in (
+            ("one layer of it, float32", paths["layer"], None, None),
+            ("the 1 GiB float32 checkpoint", paths["fp32"], q_fp32, q_fp32_peak)):
+        if secs is None:
+            runs = [timed(["quantize", str(path), str(work / f"g{i}")], peak=True)
+                    for i in range(3)]
+            secs, peak = min(t for t, _ in runs), max(p or 0 for _, p in runs)
+        n = size_of(path)
+        print(f"  {label + f' ({n / MB:.0f} MB)':36s} {secs:6.3f} s  "
+              f"{(secs - t0) / (n / 1e9):5.3f} s per GB after "
+              f"start-up  peak RSS {peak / MB:4.0f} MB (largest tensor {largest_f32(path) / MB:.0f}"
+              " MB as float32)")
+    print()
+
     # ---- mse vs minmax at 4 bits
     src = paths["small"]
     t_mm = min(timed(["quantize", str(src), str(work / f"mm{i}"), "-q", "--bits", "4"],
@@ -450,6 +511,10 @@ def main() -> None:
     rm(work)
 
     total = time.perf_counter() - t_start
+    others = max(0.0, (busy_seconds() - busy0) - (own_seconds() - own0)) / total
+    print(f"other processes kept {others:.2f} of the {os.cpu_count()} cores busy on average "
+          "during the run" + ("; figures from a quiet machine are better" if others > 0.1
+                              else ""))
     target(f"the benchmark took {total:.0f} s (< 300 s)", total < 300)
     print()
     print(f"targets ({sum(met)} of {len(met)} met):")
