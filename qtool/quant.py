@@ -255,6 +255,18 @@ def _block_stats(x: np.ndarray, err: np.ndarray) -> ErrorStats:
         return ErrorStats()
     x1 = x.reshape(-1)
     e1 = err.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is redone below
+        stats = ErrorStats(
+            count=int(x1.size),
+            signal_sq=float(np.dot(x1, x1)),
+            error_sq=float(np.dot(e1, e1)),
+            cross=float(np.dot(x1, e1)),
+            max_abs_error=float(max(e1.max(), -e1.min())),
+        )
+    if math.isfinite(stats.signal_sq) and math.isfinite(stats.error_sq):
+        return stats
+    # Values near the float32 limit overflow a float32 sum of squares: redo it in float64.
+    x1, e1 = x1.astype(np.float64), e1.astype(np.float64)
     return ErrorStats(
         count=int(x1.size),
         signal_sq=float(np.dot(x1, x1)),

@@ -284,7 +284,10 @@ SCHEMES = [("symmetric",), ("asymmetric", "--granularity", "group", "--group-siz
            ("gnmt",), ("symmetric", "--bits", "4"), ("asymmetric", "--granularity", "tensor")]
 
 
-@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# database=None: the strategies draw from files qtool wrote, which change with qtool itself, so
+# an example saved by an older build can replay inconsistently (FlakyStrategyDefinition).
+@settings(max_examples=800, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(case=mutated_checkpoints(), scheme=st.sampled_from(SCHEMES))
 def test_mutated_checkpoints(qtool, case, scheme):
     blob, log = case
@@ -371,7 +374,8 @@ def manifest_mutations(draw: st.DrawFn, doc: dict) -> tuple[str, list[str]]:
     return json.dumps(doc), log
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_artifacts(qtool, artifact_template, data):
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,10 +18,7 @@ import termios
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.numpy import save_file
-
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 
 # "quantize ━━━━━━━━ 12/12 tensors 3.1 MB/s 0:00:00": tensors done/total, bytes/s, time left
 BAR = re.compile(r"(\d+)/(\d+) tensors\s+(\?|[\d.]+ [kMGT]?B/s)\s+(-:--:--|\d+:\d\d:\d\d)")

@@ -239,3 +239,15 @@ def test_nan_is_reported_with_count():
         with pytest.raises(NonFiniteError) as e:
             quantize(w, QuantSpec("symmetric", granularity=g))
         assert e.value.count == 2
+
+
+def test_stats_of_huge_values_do_not_overflow():
+    # |w| ~ 1e18: w**2 summed in float32 would overflow to inf.
+    w = (np.random.default_rng(9).normal(size=(64, 64)) * 1e18).astype(np.float32)
+    qt = quantize(w, QuantSpec("symmetric"))
+    w64 = w.astype(np.float64)
+    w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec, np.float32)
+    err = w_hat.astype(np.float64) - w64
+    assert qt.stats.signal_sq == pytest.approx(np.sum(w64**2), rel=1e-5)
+    assert qt.stats.sqnr_db == pytest.approx(10 * np.log10(np.sum(w64**2) / np.sum(err**2)),
+                                             rel=1e-4)
