@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from qtool.artifact import (
@@ -330,7 +331,20 @@ def _copy_tensor(sf: SafetensorsFile, info: TensorInfo, w: SafetensorsWriter,
         return
     for a, b in _runs(info.numel, info.np_dtype.itemsize):
         run = sf.view(info, a, b)
-        w.write_chunk(info.name, run if out_dtype is None else run.astype(out_dtype))
+        if out_dtype is not None:
+            run = run.astype(out_dtype)
+            _check_cast(run, sf.path, info.name, out_dtype)
+        w.write_chunk(info.name, run)
+
+
+def _check_cast(out: np.ndarray, path: Path, name: str, out_dtype: np.dtype) -> None:
+    # A narrower float (float16 tops out at 65504) turns large values into inf: refuse that
+    # rather than write a checkpoint that silently holds inf.
+    if out.size and not np.isfinite(out).all():
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has values beyond the range of {out_dtype.name}; "
+            "restore it with a wider --dtype"
+        )
 
 
 def _count_nonfinite(sf: SafetensorsFile, info: TensorInfo) -> int:
@@ -717,6 +731,12 @@ def _dequantize_streamed(main: SafetensorsFile, sc: SafetensorsFile, zp: Safeten
     if rows == 0 or cols == 0:
         w.write(rec.name, b"")
         return
+    # Only when the largest value scale * (q - zero_point) could exceed the output dtype's
+    # range is each chunk checked for inf (a pass that is skipped otherwise).
+    reach = float(np.max(scale.astype(np.float64) * np.maximum(
+        np.abs(rec.spec.qmin - zero.astype(np.float64)),
+        np.abs(rec.spec.qmax - zero.astype(np.float64)))))
+    check = reach >= float(ml_dtypes.finfo(out_dtype).max)  # numpy's finfo lacks bfloat16
     for a in range(0, rows, step):
         b = min(a + step, rows)
         q = main.view(info, a * width, b * width).reshape(b - a, width)
@@ -724,6 +744,8 @@ def _dequantize_streamed(main: SafetensorsFile, sc: SafetensorsFile, zp: Safeten
         buf = buffers.get(nbytes)
         out = buf[:nbytes].view(out_dtype).reshape(b - a, cols)
         dequantize_rows(q, scale, zero, a, rec.shape, rec.spec, out, compute, mapper)
+        if check:
+            _check_cast(out, main.path, rec.name, out_dtype)
         w.write_chunk(rec.name, out, release=functools.partial(buffers.put, buf))
 
 

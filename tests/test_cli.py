@@ -301,3 +301,20 @@ def test_report_on_a_file_inside_an_artifact_points_to_the_directory(ckpt, tmp_p
     run("quantize", ckpt, out, "-q")
     for name in ("qtool.json", "model.safetensors"):
         _assert_bad(run("report", out / name, expect=2), "part of a qtool artifact", str(out))
+
+
+def test_dequantize_to_float16_refuses_overflow(tmp_path):
+    w = np.random.default_rng(3).normal(0, 1e6, (8, 8)).astype(np.float32)
+    src = write_checkpoint(tmp_path / "m.safetensors",
+                           {"big.weight": w, "big.bias": w[0].copy()})
+    run("quantize", src, tmp_path / "o", "-q")
+    r = run("dequantize", tmp_path / "o", tmp_path / "r.safetensors", "--dtype", "float16",
+            expect=2)
+    _assert_bad(r, "float16", "--dtype")
+    assert not (tmp_path / "r.safetensors").exists()
+    # in range: fine, and float passthrough is converted too
+    src2 = write_checkpoint(tmp_path / "m2.safetensors", {"w.weight": w / 1e3, "w.bias": w[0]
+                                                          / 1e3})
+    run("quantize", src2, tmp_path / "o2", "-q")
+    run("dequantize", tmp_path / "o2", tmp_path / "r2.safetensors", "--dtype", "float16", "-q")
+    assert np.isfinite(load_file(str(tmp_path / "r2.safetensors"))["w.weight"]).all()
