@@ -150,6 +150,44 @@ def spec_options(f: Any) -> Any:
     return f
 
 
+def selection_options(prefix: str) -> Any:
+    """Which tensors are quantized, and how: shared by `quantize` and `report`'s dry run."""
+
+    def h(text: str) -> str:
+        text = prefix + text
+        return text[0].upper() + text[1:]
+
+    def deco(f: Any) -> Any:
+        opts = [
+            click.option("--skip", multiple=True, metavar="GLOB",
+                         help=h("keep tensors whose name matches in float (repeatable).")),
+            click.option("--only", multiple=True, metavar="GLOB",
+                         help=h("quantize only tensors whose name matches (repeatable).")),
+            click.option("--recipe", type=FilePath(), default=None,
+                         help=h("TOML file of per-tensor rules (docs/RECIPES.md).")),
+            click.option("--allow-unused-rules", is_flag=True,
+                         help=h("a recipe rule that matches nothing is a warning, not an "
+                                "error.")),
+            click.option("--nan-policy", type=click.Choice(["error", "skip"]), default="error",
+                         show_default=True,
+                         help=h("a tensor with NaN/inf fails, or is kept in float (costs "
+                                "one extra read).")),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+def _load_rules(recipe: Path | None) -> tuple:
+    if recipe is None:
+        return ()
+    from qtool.recipe import load_recipe
+
+    return load_recipe(recipe)
+
+
 def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_: str,
                percentile: float) -> Any:
     from qtool.schemes import QuantSpec
@@ -199,17 +237,7 @@ def _show_progress(quiet: bool) -> bool:
 @click.option("--scheme", "-s", type=click.Choice(SCHEME_CHOICES), default="symmetric",
               show_default=True, help="Quantization scheme (see README for the formulas).")
 @spec_options
-@click.option("--skip", multiple=True, metavar="GLOB",
-              help="Keep tensors whose name matches in float (repeatable).")
-@click.option("--only", multiple=True, metavar="GLOB",
-              help="Quantize only tensors whose name matches (repeatable).")
-@click.option("--recipe", type=FilePath(), default=None,
-              help="TOML file of per-tensor rules (see docs/RECIPES.md).")
-@click.option("--allow-unused-rules", is_flag=True,
-              help="A recipe rule that matches nothing is a warning, not an error.")
-@click.option("--nan-policy", type=click.Choice(["error", "skip"]), default="error",
-              show_default=True,
-              help="A tensor with NaN/inf: fail, or keep it in float (costs one extra read).")
+@selection_options("")
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads (default 0: one per core). Output is identical for any N.")
 @click.option("--source-digest", is_flag=True,
@@ -231,12 +259,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
         raise click.BadParameter(f"scheme gnmt is always per row, not {granularity}",
                                  param_hint="'--granularity'")
     spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
-    rules: tuple = ()
-    if recipe is not None:
-        from qtool.recipe import load_recipe
-
-        rules = load_recipe(recipe)
-    opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=rules,
+    opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=_load_rules(recipe),
                            allow_unused_rules=allow_unused_rules, jobs=jobs,
                            source_digest=source_digest, nan_policy=nan_policy, force=force)
     t0 = time.perf_counter()
@@ -339,16 +362,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
               help="Dry run of a plain checkpoint: a scheme to try, one column group each "
                    "(repeatable; default symmetric).")
 @spec_options
-@click.option("--skip", multiple=True, metavar="GLOB",
-              help="Dry run: keep tensors whose name matches in float (repeatable).")
-@click.option("--only", multiple=True, metavar="GLOB",
-              help="Dry run: quantize only tensors whose name matches (repeatable).")
-@click.option("--recipe", type=FilePath(), default=None,
-              help="Dry run: per-tensor rules, as for quantize (docs/RECIPES.md).")
-@click.option("--allow-unused-rules", is_flag=True,
-              help="Dry run: a recipe rule that matches nothing is a warning, not an error.")
-@click.option("--nan-policy", type=click.Choice(["error", "skip"]), default="error",
-              show_default=True, help="Dry run: a tensor with NaN/inf fails, or is kept.")
+@selection_options("Dry run: ")
 @click.option("--original", type=FilePath(), default=None,
               help="Artifact: measure the error again against this original checkpoint "
                    "(its size and digests must match the manifest's).")
@@ -445,12 +459,8 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         specs = [_make_spec(s, granularity, bits, group_size, range_, percentile)
                  for s in dict.fromkeys(schemes or ("symmetric",))]
         try:
-            rules: tuple = ()
-            if recipe is not None:
-                from qtool.recipe import load_recipe
-
-                rules = load_recipe(recipe)
-            opts = QuantizeOptions(spec=specs[0], skip=skip, only=only, rules=rules,
+            opts = QuantizeOptions(spec=specs[0], skip=skip, only=only,
+                                   rules=_load_rules(recipe),
                                    allow_unused_rules=allow_unused_rules,
                                    nan_policy=nan_policy, jobs=jobs)
             drun = dry_run(path, specs, opts)
