@@ -261,21 +261,15 @@ def _quantize_task(
     schemes.quantize_values and dequantize_values in place in a per-thread scratch block, so
     that every pass reads and writes cache, not memory.
     """
-    with np.errstate():  # restores the buffer size on the way out
+    with np.errstate():  # restores numpy's buffer size on the way out
         np.setbufsize(_bufsize(spec, xs.shape[1]))
         return _quantize_rows(xs, blocks, spec, cdt, tensor_p, q_out, scale_out, zero_out)
 
 
-def _quantize_rows(
-    xs: np.ndarray,
-    blocks: list[slice],
-    spec: QuantSpec,
-    cdt: np.dtype,
-    tensor_p: QParams | None,
-    q_out: np.ndarray,
-    scale_out: np.ndarray | None,
-    zero_out: np.ndarray | None,
-) -> list[ErrorStats]:
+def _quantize_rows(xs: np.ndarray, blocks: list[slice], spec: QuantSpec, cdt: np.dtype,
+                   tensor_p: QParams | None, q_out: np.ndarray, scale_out: np.ndarray | None,
+                   zero_out: np.ndarray | None) -> list[ErrorStats]:
+    """The body of :func:`_quantize_task`, run with numpy's buffer size set for the rows."""
     r, cols = xs.shape
     x = _as_compute(xs, cdt)
     per_tensor = tensor_p is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import traceback
 from pathlib import Path
 
@@ -27,6 +28,21 @@ settings.load_profile("ci" if os.environ.get("CI") else "qtool")
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_weights" / "sample.safetensors"
+
+
+def raw_file(header: object, data: bytes = b"", *, pad: bool = True,
+             length: int | None = None) -> bytes:
+    """safetensors bytes with full control: the header (a JSON-able object, str or bytes),
+    its space padding to 8 bytes, and the 8-byte length prefix (default: the header's)."""
+    if isinstance(header, bytes):
+        blob = header
+    elif isinstance(header, str):
+        blob = header.encode()
+    else:
+        blob = json.dumps(header).encode()
+    if pad:
+        blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob) if length is None else length) + blob + data
 
 
 def make_tensors(seed: int = 0) -> dict[str, np.ndarray]:

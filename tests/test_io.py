@@ -27,6 +27,7 @@ from qtool.io import (
     dtype_code,
     open_checkpoint,
 )
+from tests.conftest import raw_file
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -46,19 +47,6 @@ def sample(code: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
         return vals.astype(np.float32).astype(dt)
     info = np.iinfo(dt)
     return rng.integers(info.min, info.max, size=shape, dtype=dt, endpoint=True)
-
-
-def raw_file(header: object, data: bytes = b"", *, pad: bool = True) -> bytes:
-    """safetensors bytes with full control: header may be a JSON-able object, str or bytes."""
-    if isinstance(header, bytes):
-        blob = header
-    elif isinstance(header, str):
-        blob = header.encode()
-    else:
-        blob = json.dumps(header).encode()
-    if pad:
-        blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob + data
 
 
 def ent(dtype: str, shape: list, offsets: list) -> dict:

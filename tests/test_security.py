@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,23 +26,10 @@ from safetensors.numpy import load_file, save_file
 from qtool.artifact import FORMAT_VERSION, verify
 from qtool.cli import cli
 from qtool.io import MAX_DIMS
-from tests.conftest import make_tensors, run, write_checkpoint
+from tests.conftest import make_tensors, raw_file, run, write_checkpoint
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def raw_file(header: object, data: bytes = b"", *, length: int | None = None) -> bytes:
-    """safetensors bytes with full control over the header (object, str or bytes) and the
-    8-byte length prefix."""
-    if isinstance(header, bytes):
-        blob = header
-    elif isinstance(header, str):
-        blob = header.encode()
-    else:
-        blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob) if length is None else length) + blob + data
 
 
 def ent(dtype: object, shape: object, offsets: object) -> dict:
