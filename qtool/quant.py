@@ -15,6 +15,7 @@ Numeric core: numpy arrays in, arrays out.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,8 +25,20 @@ import numpy as np
 
 from qtool import packing
 from qtool.metrics import ErrorStats
-from qtool.ranges import find_range
+from qtool.ranges import find_range, minmax_ranges
 from qtool.schemes import QParams, QuantSpec, qparams, quantize_values
+
+# The optional C accelerator (qtool/_kernels.c): the same integers, scales and zero points as
+# the numpy code below, in one pass per block instead of about ten. Without a C compiler at
+# install time it is absent, and numpy does all the work. QTOOL_PURE_NUMPY=1 turns it off
+# (the tests compare both paths byte for byte).
+_kernels: Any
+try:
+    if os.environ.get("QTOOL_PURE_NUMPY"):
+        raise ImportError("QTOOL_PURE_NUMPY is set")
+    from qtool import _kernels
+except ImportError:
+    _kernels = None
 
 # Elements per block: a block (2 MB of float32) and its scratch stay in the cache of the core
 # (L2) and the shared L3. Each numpy call on a block releases and re-takes the GIL; with
@@ -270,6 +283,9 @@ def _quantize_rows(xs: np.ndarray, blocks: list[slice], spec: QuantSpec, cdt: np
                    tensor_p: QParams | None, q_out: np.ndarray, scale_out: np.ndarray | None,
                    zero_out: np.ndarray | None) -> list[ErrorStats]:
     """The body of :func:`_quantize_task`, run with numpy's buffer size set for the rows."""
+    src = _kernel_source(xs, cdt)
+    if src is not None:
+        return _quantize_rows_kernel(xs, src, blocks, spec, tensor_p, q_out, scale_out, zero_out)
     r, cols = xs.shape
     x = _as_compute(xs, cdt)
     per_tensor = tensor_p is not None
@@ -328,6 +344,77 @@ def _quantize_rows(xs: np.ndarray, blocks: list[slice], spec: QuantSpec, cdt: np
             np.multiply(tv, s, out=tv)
         np.subtract(t, xb, out=t)
         stats.append(ErrorStats.of(xb, t))
+    return stats
+
+
+def kernels_available() -> bool:
+    """Whether the C accelerator is in use (see _kernels above)."""
+    return _kernels is not None
+
+
+def _kernel_source(xs: np.ndarray, cdt: np.dtype) -> int | None:
+    """The kernel's source code for these rows (0 float32, 1 bfloat16), or None when numpy
+    does the work: no kernel, float64 or float16 values, or rows not laid out contiguously."""
+    if _kernels is None or cdt != np.float32 or not xs.flags.c_contiguous or xs.shape[1] == 0:
+        return None
+    if xs.dtype == np.float32:
+        return 0
+    return 1 if xs.dtype.name == "bfloat16" else None
+
+
+def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: QuantSpec,
+                          tensor_p: QParams | None, q_out: np.ndarray,
+                          scale_out: np.ndarray | None,
+                          zero_out: np.ndarray | None) -> list[ErrorStats]:
+    """:func:`_quantize_rows` through the C kernel: the same ranges (minmax in C, the other
+    methods in numpy), the same qparams, and per block one call that quantizes, stores and
+    sums the error statistics (in float64, so the figures may differ from the numpy path's
+    float32 sums in their last digits; the stored bytes do not differ)."""
+    r, cols = xs.shape
+    raw = xs.view(np.uint16) if src == 1 else xs  # bfloat16 goes to C as its bits
+    g = spec.group_size if spec.granularity == "group" else cols
+    if tensor_p is None:
+        assert scale_out is not None and zero_out is not None
+        if spec.range == "minmax":
+            units = n_groups(cols, spec)
+            mn = np.empty((r, units), np.float32)
+            mx = np.empty((r, units), np.float32)
+            if not _kernels.minmax(raw, src, r, cols, g, mn, mx):
+                raise NonFiniteError(int(np.count_nonzero(~np.isfinite(
+                    _as_compute(xs, np.dtype(np.float32))))))
+            lowest = float(mn.min()) if mn.size else 0.0
+            lo, hi = minmax_ranges(mn.astype(np.float64), mx.astype(np.float64), spec)
+        else:
+            x = _as_compute(xs, np.dtype(np.float32))
+            lo, hi = _ranges_or_nonfinite(x, spec)
+            lowest = float(x.min()) if x.size else 0.0
+        if spec.scheme == "symmetric-unsigned" and lowest < 0:
+            raise NegativeValuesError(lowest)
+        p = qparams(lo, hi, spec)
+        scale_out[...] = p.scale.reshape(r, -1)
+        zero_out[...] = p.zero_point.reshape(r, -1)
+        stride = scale_out.shape[1]
+    else:
+        p = tensor_p
+        stride = 0
+    # The parameters as contiguous float32: (r, units) rows per unit, or one for the tensor.
+    shape = (r, stride) if stride else (1,)
+    scale = p.scale.astype(np.float32).reshape(shape)
+    inv = None if p.inv_scale is None else p.inv_scale.astype(np.float32).reshape(shape)
+    zero = p.zero_point.astype(np.float32).reshape(shape)
+    packed = spec.packed
+    stats = []
+    for sl in blocks:
+        n = sl.stop - sl.start
+        dest = _scratch("q", n * cols, np.dtype(np.uint8)).reshape(n, cols) if packed \
+            else q_out[sl]
+        s, i, z = (scale, inv, zero) if stride == 0 else \
+            (scale[sl], None if inv is None else inv[sl], zero[sl])
+        sums = _kernels.quantize(raw[sl], src, n, cols, g, s, i, z, stride, float(spec.qmin),
+                                 float(spec.qmax), dest)
+        if packed:
+            q_out[sl] = packing.pack(dest.view(spec.storage_dtype), spec.bits)
+        stats.append(ErrorStats(n * cols, *sums))
     return stats
 
 
@@ -547,6 +634,16 @@ def dequantize_rows(
         pass
 
 
+def _kernel_output(out: np.ndarray, compute: np.dtype) -> int | None:
+    """The kernel's output code for ``out`` (0 float32, 1 bfloat16), or None for numpy."""
+    if _kernels is None or compute != np.float32 or not out.flags.c_contiguous or \
+            out.shape[-1] == 0:
+        return None
+    if out.dtype == np.float32:
+        return 0
+    return 1 if out.dtype.name == "bfloat16" else None
+
+
 def _dequantize_block(
     q: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QuantSpec, cols: int,
     compute: np.dtype, out: np.ndarray,
@@ -555,6 +652,15 @@ def _dequantize_block(
     unless ``out`` needs a narrower dtype (then via a per-thread scratch block)."""
     if spec.packed:
         q = packing.unpack(q, spec.bits, cols, spec.signed)
+    out_code = _kernel_output(out, compute)
+    if out_code is not None and q.flags.c_contiguous and q.dtype.itemsize == 1:
+        per_tensor = spec.granularity == "tensor"
+        g = spec.group_size if spec.granularity == "group" else cols
+        s32 = np.ascontiguousarray(s, np.float32)
+        _kernels.dequantize(q, q.dtype == np.int8, q.shape[0], cols, g, s32,
+                            z.astype(np.float32), 0 if per_tensor else s32.shape[-1],
+                            out.view(np.uint16) if out_code == 1 else out, out_code)
+        return
     if out.dtype == compute and out.flags.c_contiguous:
         dest = out
     else:

@@ -83,7 +83,7 @@ def find_range(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         shown = ", ".join(str(r) for r in rows[:10]) + (", ..." if rows.size > 10 else "")
         raise ValueError(f"cannot set a range: {rows.size} row(s) contain NaN or inf ({shown})")
 
-    lo, hi = _minmax_ranges(mn, mx, spec)
+    lo, hi = minmax_ranges(mn, mx, spec)
     if spec.range == "minmax":
         return lo, hi
     if spec.range == "percentile":
@@ -91,7 +91,7 @@ def find_range(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     return _mse_ranges(w, lo, hi, spec)
 
 
-def _minmax_ranges(
+def minmax_ranges(
     mn: np.ndarray, mx: np.ndarray, spec: QuantSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     if spec.scheme in ("symmetric", "gnmt"):

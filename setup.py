@@ -1,0 +1,16 @@
+"""Build the optional C accelerator qtool._kernels (everything else is in pyproject.toml).
+
+``optional=True``: if no C compiler is available the install still succeeds, and qtool
+computes the same results with numpy alone (more slowly).
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+# -ffp-contract=off: no fused multiply-add, so every float operation rounds exactly as numpy's
+# does (the results must be bit-identical to the numpy path). Never -ffast-math.
+FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
+
+setup(ext_modules=[Extension("qtool._kernels", ["qtool/_kernels.c"], optional=True,
+                             extra_compile_args=FLAGS)])
