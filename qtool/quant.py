@@ -414,8 +414,26 @@ def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: Q
                                  float(spec.qmax), dest)
         if packed:
             q_out[sl] = packing.pack(dest.view(spec.storage_dtype), spec.bits)
-        stats.append(ErrorStats(n * cols, *sums))
+        if all(map(math.isfinite, sums)):
+            stats.append(ErrorStats(n * cols, *sums))
+        else:  # float32 partial sums overflow once |w| passes ~1e18: redo them as numpy does
+            stats.append(_block_stats(_as_compute(xs[sl], np.dtype(np.float32)),
+                                      dest.view(spec.storage_dtype), s, z, spec, cols))
     return stats
+
+
+def _block_stats(x: np.ndarray, q: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QuantSpec,
+                 cols: int) -> ErrorStats:
+    """The error statistics of one block as the numpy path computes them: w_hat - w in
+    float32, summed by ErrorStats.of (which redoes an overflowing sum in float64)."""
+    t = q.astype(np.float32)
+    for view, (sv, zv) in _parts(spec, cols, (s, z)):
+        assert sv is not None and zv is not None
+        tv = view(t)
+        np.subtract(tv, zv, out=tv)
+        np.multiply(tv, sv, out=tv)
+    np.subtract(t, x, out=t)
+    return ErrorStats.of(x, t)
 
 
 def _minmax_block(xs: np.ndarray) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -251,3 +252,169 @@ def test_stats_of_huge_values_do_not_overflow():
     assert qt.stats.signal_sq == pytest.approx(np.sum(w64**2), rel=1e-5)
     assert qt.stats.sqnr_db == pytest.approx(10 * np.log10(np.sum(w64**2) / np.sum(err**2)),
                                              rel=1e-4)
+
+
+# --------------------------------------------------------------------------- the C kernel
+#
+# qtool/_kernels.c does the per-value work when it is built (it is on every machine with a C
+# compiler, CI included); qtool/quant.py's numpy code does the same without it. Both must
+# write the same bytes: these tests run each case through both and compare.
+
+
+@pytest.fixture
+def numpy_core(monkeypatch):
+    """Run qtool.quant without its C kernel, as on a machine where it was not built."""
+    import qtool.quant as quant
+
+    monkeypatch.setattr(quant, "_kernels", None)
+
+
+def _both_paths(fn, monkeypatch):
+    import qtool.quant as quant
+
+    assert quant.kernels_available(), "qtool._kernels was not built by `pip install -e .`"
+    with_kernel = fn()
+    monkeypatch.setattr(quant, "_kernels", None)
+    assert not quant.kernels_available()
+    with_numpy = fn()
+    monkeypatch.undo()
+    return with_kernel, with_numpy
+
+
+def _awkward_tensor(rng, rows, cols, dtype):
+    """Normal weights with outliers, an all-zero row, -0.0 and exact ties for rounding."""
+    w = rng.normal(0, 0.05, (rows, cols))
+    w[rng.random((rows, cols)) < 0.01] *= 40.0
+    w[0] = 0.0
+    if rows > 1:
+        w[1, ::3] = -0.0
+    if rows > 2 and cols > 2:
+        w[2, :2] = [1.0, -1.0]
+        w[2, 2:] = np.linspace(-1.0, 1.0, cols - 2)  # values landing on x.5 steps
+    return w.astype(dtype)
+
+
+KERNEL_SPECS = [
+    QuantSpec("symmetric"),
+    QuantSpec("symmetric", granularity="tensor"),
+    QuantSpec("symmetric", bits=4, granularity="group", group_size=32),
+    QuantSpec("symmetric-unsigned", granularity="channel"),
+    QuantSpec("asymmetric"),
+    QuantSpec("asymmetric", bits=3, granularity="group", group_size=100),
+    QuantSpec("asymmetric", granularity="tensor", range="percentile", percentile=99.0),
+    QuantSpec("symmetric", bits=6, range="mse"),
+    QuantSpec("gnmt"),
+]
+
+
+@pytest.mark.parametrize("spec", KERNEL_SPECS,
+                         ids=lambda s: f"{s.scheme}-{s.bits}-{s.granularity}-{s.range}")
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [(5, 1), (7, 13), (9, 1030), (3, 2100), (40, 257)])
+def test_kernel_writes_the_bytes_numpy_writes(spec, dtype, shape, monkeypatch):
+    rng = np.random.default_rng(hash((shape, spec.scheme, spec.bits)) % 2**32)
+    w = _awkward_tensor(rng, *shape, dtype)
+    if spec.scheme == "symmetric-unsigned":
+        w = np.abs(w.astype(np.float32)).astype(dtype)
+    k, n = _both_paths(lambda: quantize(w, spec), monkeypatch)
+    np.testing.assert_array_equal(k.data, n.data)
+    assert k.data.dtype == n.data.dtype
+    np.testing.assert_array_equal(k.scale, n.scale)
+    np.testing.assert_array_equal(k.zero_point, n.zero_point)
+    # The largest error is one float32 value, found exactly by both; the sums are float64 in
+    # the kernel and float32 dots in numpy, so they agree to float32 precision.
+    assert k.stats.count == n.stats.count == w.size
+    assert k.stats.max_abs_error == n.stats.max_abs_error
+    for key in ("signal_sq", "error_sq"):
+        assert getattr(k.stats, key) == pytest.approx(getattr(n.stats, key), rel=1e-5, abs=1e-30)
+    assert k.stats.cross == pytest.approx(n.stats.cross, rel=1e-4, abs=1e-6 * n.stats.error_sq)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
+                    elements=st.floats(-1e6, 1e6, width=32)),
+       spec=st.sampled_from(KERNEL_SPECS[:6] + KERNEL_SPECS[-1:]))
+def test_kernel_matches_numpy_on_any_values(w, spec):
+    import qtool.quant as quant
+
+    if spec.scheme == "symmetric-unsigned":
+        w = np.abs(w)
+    k = quantize(w, spec)
+    saved, quant._kernels = quant._kernels, None
+    try:
+        n = quantize(w, spec)
+    finally:
+        quant._kernels = saved
+    np.testing.assert_array_equal(k.data, n.data)
+    np.testing.assert_array_equal(k.scale, n.scale)
+    np.testing.assert_array_equal(k.zero_point, n.zero_point)
+    assert k.stats.max_abs_error == n.stats.max_abs_error
+
+
+def test_kernel_statistics_are_the_float64_sums():
+    rng = np.random.default_rng(11)
+    w = rng.normal(0, 0.02, (33, 3001)).astype(np.float32)
+    qt = quantize(w, QuantSpec("asymmetric", granularity="group", group_size=128))
+    w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec, np.float32)
+    w64 = w.astype(np.float64)
+    err = w_hat.astype(np.float64) - w64
+    assert qt.stats.signal_sq == pytest.approx(np.sum(w64 * w64), rel=1e-6)
+    assert qt.stats.error_sq == pytest.approx(np.sum(err * err), rel=1e-6)
+    assert qt.stats.cross == pytest.approx(np.sum(w64 * err), rel=1e-5)
+    assert qt.stats.max_abs_error == np.abs(err).max()
+
+
+@pytest.mark.parametrize("out_dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("spec", [QuantSpec("symmetric"), QuantSpec("asymmetric", bits=4,
+                                  granularity="group", group_size=48),
+                                  QuantSpec("symmetric-unsigned", granularity="tensor")],
+                         ids=["sym", "asym4-group", "unsigned-tensor"])
+def test_kernel_dequantizes_to_the_same_bytes(spec, out_dtype, monkeypatch):
+    w = np.abs(_awkward_tensor(np.random.default_rng(4), 12, 1000, np.float32)) * 1e3
+    if spec.scheme != "symmetric-unsigned":
+        w[3::2] *= -1
+    qt = quantize(w, spec)
+    k, n = _both_paths(lambda: dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec,
+                                          out_dtype), monkeypatch)
+    assert k.dtype == n.dtype == np.dtype(out_dtype)
+    np.testing.assert_array_equal(k.view(np.uint8), n.view(np.uint8))
+
+
+def test_kernel_rounds_bfloat16_ties_to_even():
+    # (q - 0) * s lands exactly halfway between two bfloat16 values: 1 + 2^-8 lies between
+    # 1 and 1 + 2^-7 and must round to 1 (even); 1 + 3 * 2^-8 rounds up to 1 + 2^-6.
+    s = np.array([[1 + 2**-8], [1 + 3 * 2**-8], [np.finfo(np.float32).max]], np.float32)
+    q = np.ones((3, 16), np.int8)
+    out = dequantize(q, s, np.zeros((3, 1), np.int32), (3, 16), QuantSpec("symmetric"),
+                     ml_dtypes.bfloat16)
+    assert out[0, 0] == 1.0
+    assert out[1, 0] == np.float32(1 + 2**-6)
+    assert out[2, 0] == s[2, 0].astype(ml_dtypes.bfloat16)  # ml_dtypes' own cast: inf
+    assert np.isinf(out[2, 0].astype(np.float32))
+
+
+def test_kernel_reports_nonfinite_values_with_the_tensor_count():
+    from qtool.quant import NonFiniteError
+
+    w = np.ones((600, 1200), np.float32)  # several blocks: the count is the whole tensor's
+    w[5, 7] = np.nan
+    w[599, 0] = -np.inf
+    w[300, 1199] = np.inf
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        with pytest.raises(NonFiniteError) as e:
+            quantize(w.astype(dtype), QuantSpec("symmetric"))
+        assert e.value.count == 3
+
+
+def test_kernel_huge_values_fall_back_to_float64_sums(numpy_core):
+    w = (np.random.default_rng(9).normal(size=(8, 300)) * 1e19).astype(np.float32)
+    import qtool.quant as quant
+
+    ref = quantize(w, QuantSpec("symmetric"))
+    quant._kernels = __import__("qtool._kernels").__dict__["_kernels"]
+    got = quantize(w, QuantSpec("symmetric"))
+    w64 = w.astype(np.float64)
+    assert np.isfinite(got.stats.signal_sq)
+    assert got.stats.signal_sq == pytest.approx(np.sum(w64**2), rel=1e-6)
+    assert got.stats.signal_sq == ref.stats.signal_sq
+    np.testing.assert_array_equal(got.data, ref.data)
