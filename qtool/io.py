@@ -956,11 +956,13 @@ class SafetensorsWriter:
             raise self._error
 
     def _join(self) -> None:
-        if self._thread is not None:
+        thread, self._thread = self._thread, None
+        # An interrupt (Ctrl-C) can land inside Thread.start(): a thread that never started
+        # cannot be joined, and must not turn the KeyboardInterrupt into a RuntimeError.
+        if thread is not None and thread.ident is not None:
             assert self._queue is not None
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+            thread.join()
 
     def _check_next(self, name: str) -> tuple[str, tuple[int, ...], int]:
         if self._file is None:

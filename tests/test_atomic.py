@@ -76,18 +76,23 @@ def _tmp_file(stage: Path, shard: str) -> Path | None:
     return None
 
 
-def _size(p: Path | None) -> int:
-    try:
-        return p.stat().st_size if p is not None else -1
-    except FileNotFoundError:
-        return -1
-
-
 Probe = Callable[[Path], bool]  # given the staging directory: has the process got there yet?
 
 
+def _written_past(p: Path | None, offset: int) -> bool:
+    """Whether the bytes at ``offset`` of the file have been written. The writer preallocates
+    the whole file, so its size says nothing; unwritten bytes read as zeros, and 4 KB of the
+    quantized random weights are never all zero."""
+    try:
+        with open(p, "rb") as f:  # type: ignore[arg-type]
+            f.seek(offset)
+            return any(f.read(4096))
+    except (FileNotFoundError, TypeError):
+        return False
+
+
 def _main_tmp_at_least(shard: str, fraction: float) -> Probe:
-    return lambda stage: _size(_tmp_file(stage, shard)) >= fraction * MAIN_BYTES
+    return lambda stage: _written_past(_tmp_file(stage, shard), int(fraction * MAIN_BYTES))
 
 
 def _complete(name: str) -> Probe:
