@@ -116,7 +116,10 @@ MUST_CATCH_MID_WRITE = len(KILL_POINTS) - 1
 def _start(src: Path, out: Path, *args: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "qtool", "quantize", str(src), str(out), "-q", "--jobs", "2",
            *args]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that:
+    # give qtool the default disposition, as a terminal's Ctrl-C finds it.
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _run_until(proc: subprocess.Popen[bytes], out: Path, probe: Probe) -> bool:
