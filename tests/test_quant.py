@@ -418,3 +418,28 @@ def test_kernel_huge_values_fall_back_to_float64_sums(numpy_core):
     assert got.stats.signal_sq == pytest.approx(np.sum(w64**2), rel=1e-6)
     assert got.stats.signal_sq == ref.stats.signal_sq
     np.testing.assert_array_equal(got.data, ref.data)
+
+
+def test_kernel_refuses_buffers_that_do_not_fit_the_shape():
+    from qtool import _kernels as k
+
+    x = np.ones((2, 10), np.float32)
+    q = np.empty((2, 10), np.uint8)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    cases = [
+        # shared parameters (row_stride 0) with 2 groups per row need 2 of each, not 1
+        lambda: k.quantize(x, 0, 2, 10, 5, one, None, zero, 0, -128.0, 127.0, q),
+        lambda: k.quantize(x, 0, 3, 10, 10, one, None, zero, 0, -128.0, 127.0, q),  # x short
+        lambda: k.quantize(x, 0, 2, 10, 10, np.ones(2, np.float32), None, np.zeros(2, np.float32),
+                           1, -128.0, 127.0, q[:1]),  # q short
+        lambda: k.quantize(x, 0, 2, 10, 10, np.ones(2, np.float32), None, np.zeros(2, np.float32),
+                           3, -128.0, 127.0, q),  # row_stride is neither 0 nor the units
+        lambda: k.minmax(x, 0, 2, 10, 5, np.empty(3, np.float32), np.empty(4, np.float32)),
+        lambda: k.dequantize(q, True, 2, 10, 10, one, zero, 0, np.empty(19, np.float32), 0),
+        lambda: k.minmax(x, 0, 2, 0, 1, np.empty(0, np.float32), np.empty(0, np.float32)),
+        lambda: k.minmax(x, 0, 1 << 61, 1 << 2, 1, x, x),  # byte counts would overflow
+    ]
+    for i, call in enumerate(cases):
+        with pytest.raises(ValueError):
+            call()
+        assert np.array_equal(x, np.ones((2, 10), np.float32)), i
