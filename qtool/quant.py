@@ -368,8 +368,9 @@ def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: Q
                           zero_out: np.ndarray | None) -> list[ErrorStats]:
     """:func:`_quantize_rows` through the C kernel: the same ranges (minmax in C, the other
     methods in numpy), the same qparams, and per block one call that quantizes, stores and
-    sums the error statistics (in float64, so the figures may differ from the numpy path's
-    float32 sums in their last digits; the stored bytes do not differ)."""
+    sums the error statistics (float32 within chunks of 1024 values, float64 across them: the
+    figures may differ from the numpy path's float32 dot products in their last digits; the
+    stored bytes do not differ)."""
     r, cols = xs.shape
     raw = xs.view(np.uint16) if src == 1 else xs  # bfloat16 goes to C as its bits
     g = spec.group_size if spec.granularity == "group" else cols
