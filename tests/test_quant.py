@@ -19,7 +19,20 @@ NOTES_W = np.array(
 )
 
 
-def test_gnmt_worked_example_from_notes():
+@pytest.fixture(params=["kernel", "numpy"])
+def core(request, monkeypatch):
+    """Run the test through qtool's C kernel, then again through its numpy code (the path of
+    an install without a C compiler): the notes' numbers must come out of both."""
+    import qtool.quant as quant
+
+    if request.param == "numpy":
+        monkeypatch.setattr(quant, "_kernels", None)
+    else:
+        assert quant.kernels_available(), "qtool._kernels was not built by `pip install -e .`"
+    return request.param
+
+
+def test_gnmt_worked_example_from_notes(core):
     qt = quantize(NOTES_W, QuantSpec("gnmt"))
     assert qt.data.dtype == np.int8
     np.testing.assert_array_equal(
@@ -33,7 +46,7 @@ def test_gnmt_worked_example_from_notes():
     np.testing.assert_array_equal(qt.zero_point, np.zeros((3, 1), np.int32))
 
 
-def test_gnmt_intermediate_products_match_notes():
+def test_gnmt_intermediate_products_match_notes(core):
     # "multiply weights and scale" in the notes, in float32, before rounding.
     absmax = np.abs(NOTES_W).max(axis=1)
     absmax[absmax == 0] = 127.0
@@ -95,7 +108,7 @@ def _formula_reference(w: np.ndarray, scheme: str, bits: int, per_row: bool):
 
 @pytest.mark.parametrize("scheme", ["symmetric", "symmetric-unsigned", "asymmetric"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-def test_matches_issue_formulas(scheme, granularity):
+def test_matches_issue_formulas(scheme, granularity, core):
     rng = np.random.default_rng(7)
     w = rng.normal(0, 0.05, size=(16, 40)).astype(np.float32)
     if scheme == "symmetric-unsigned":
@@ -174,7 +187,7 @@ def test_asymmetric_zero_is_exact(w):
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.scheme}-{s.granularity}")
 @pytest.mark.parametrize("value", [0.0, 0.5, 3e-30, 7.0])
-def test_all_zero_and_constant_tensors(spec, value):
+def test_all_zero_and_constant_tensors(spec, value, core):
     w = np.full((5, 7), value, np.float32)
     qt = quantize(w, spec)
     assert np.all(qt.scale > 0) and np.all(np.isfinite(qt.scale))
@@ -207,7 +220,7 @@ def test_results_independent_of_block_size(monkeypatch):
     np.testing.assert_allclose(ref.stats.error_sq, small.stats.error_sq, rtol=1e-6)
 
 
-def test_stats_match_numpy():
+def test_stats_match_numpy(core):
     w = np.random.default_rng(5).normal(0, 0.02, size=(64, 96)).astype(np.float32)
     qt = quantize(w, QuantSpec("symmetric"))
     w_hat = dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, qt.spec, np.float32)
@@ -221,7 +234,7 @@ def test_stats_match_numpy():
     assert qt.stats.cosine == pytest.approx(cos, rel=1e-7)
 
 
-def test_symmetric_unsigned_rejects_negative_values():
+def test_symmetric_unsigned_rejects_negative_values(core):
     from qtool.quant import NegativeValuesError
 
     w = np.array([[0.1, -0.2], [0.3, 0.4]], np.float32)
@@ -230,7 +243,7 @@ def test_symmetric_unsigned_rejects_negative_values():
             quantize(w, QuantSpec("symmetric-unsigned", granularity=g))
 
 
-def test_nan_is_reported_with_count():
+def test_nan_is_reported_with_count(core):
     from qtool.quant import NonFiniteError
 
     w = np.ones((4, 4), np.float32)
@@ -242,7 +255,7 @@ def test_nan_is_reported_with_count():
         assert e.value.count == 2
 
 
-def test_stats_of_huge_values_do_not_overflow():
+def test_stats_of_huge_values_do_not_overflow(core):
     # |w| ~ 1e18: w**2 summed in float32 would overflow to inf.
     w = (np.random.default_rng(9).normal(size=(64, 64)) * 1e18).astype(np.float32)
     qt = quantize(w, QuantSpec("symmetric"))
