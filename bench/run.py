@@ -10,9 +10,10 @@ Synthetic checkpoints (generated once into bench/_data/, git-ignored):
   comparison, which is a hundred times the work of minmax.
 
 Timings are wall-clock, best of ``--repeat`` (5) rounds; within a round the commands being
-compared run back to back (cp, then qtool), so a busy neighbour on a shared machine disturbs
-both sides of a ratio alike. Each command runs in its own process; its peak resident memory
-is the kernel's ru_maxrss for that process (os.wait4). Nothing here is part of qtool.
+compared run back to back (cp, quantize, cp again, dequantize), so a busy neighbour on a
+shared machine disturbs both sides of a ratio alike. Each command runs in its own process;
+its peak resident memory is the kernel's ru_maxrss for that process (os.wait4). Nothing here
+is part of qtool.
 """
 
 from __future__ import annotations
@@ -208,6 +209,10 @@ def cli_rounds(src: Path, work: Path, repeat: int, sharded: bool) -> Rounds:
         rm(copy)
         # As a script runs them: no --quiet, so the summary is built and printed (to a pipe).
         r.add("quantize", *timed(["quantize", str(src), str(art)], peak=True))
+        # cp once more, where dequantize is about to run: a heavy run leaves the machine's
+        # writes slower for a while, and this shows how much of that dequantize inherits.
+        r.add("cp_after_quantize", timed(["cp", "-r", str(cp_src), str(copy)])[0])
+        rm(copy)
         r.add("dequantize", *timed(["dequantize", str(art), str(restored)], peak=True))
         if i < repeat - 1:  # the last round's files are checked afterwards
             rm(restored)
@@ -450,6 +455,9 @@ def main() -> None:
         target(f"{label}: peak RSS {r.peak[key] / MB:.0f} MB <= 2 x largest tensor + 150 MB "
                f"= {bound / MB:.0f} MB, and < 0.5 x checkpoint = {0.5 * size / MB:.0f} MB",
                r.peak[key] <= bound and r.peak[key] < 0.5 * size)
+    cp2 = r.best["cp_after_quantize"]
+    print(f"  cp again, right after quantize (where dequantize runs): {cp2:.3f} s; dequantize "
+          f"took {r.best['dequantize'] / cp2:.2f}x that")
     print(f"  sha256 of the artifact's files ({art_size / MB:.0f} MB), which quantize computes "
           f"as it writes them: {t_sha:.3f} s ({art_size / t_sha / 1e9:.2f} GB/s), "
           f"{t_sha / cp:.2f}x cp on its own")
