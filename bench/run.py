@@ -12,8 +12,8 @@ Synthetic checkpoints (generated once into bench/_data/, git-ignored):
 Timings are wall-clock, best of ``--repeat`` (5) rounds; within a round the commands being
 compared run back to back (cp, quantize, cp again, dequantize), so a busy neighbour on a
 shared machine disturbs both sides of a ratio alike. Each command runs in its own process;
-its peak resident memory is the kernel's ru_maxrss for that process (os.wait4). Nothing here
-is part of qtool.
+a qtool process reports its peak resident memory (VmHWM) as it exits. Nothing here is part
+of qtool.
 """
 
 from __future__ import annotations
