@@ -20,9 +20,16 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* Bit-identical float32 results need float32 arithmetic: where the compiler evaluates float
+ * expressions in a wider type (x87 without SSE), refuse to build; qtool then uses numpy. */
+#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
+#error "qtool._kernels needs float expressions evaluated in float (FLT_EVAL_METHOD == 0)"
+#endif
 
 /* Each hot loop is compiled twice, for AVX2 and for the baseline, and picked at load time
  * (GCC's function multi-versioning). Both run the same operations in the same order, so
