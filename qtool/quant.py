@@ -403,18 +403,22 @@ def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: Q
     scale = p.scale.astype(np.float32).reshape(shape)
     inv = None if p.inv_scale is None else p.inv_scale.astype(np.float32).reshape(shape)
     zero = p.zero_point.astype(np.float32).reshape(shape)
-    packed = spec.packed
+    # The kernel writes whole rows of bytes: straight into q_out when it can, else (packing
+    # below 8 bits, or an output laid out with gaps) into scratch that is then stored.
+    direct = not spec.packed and q_out.flags.c_contiguous
     stats = []
     for sl in blocks:
         n = sl.stop - sl.start
-        dest = _scratch("q", n * cols, np.dtype(np.uint8)).reshape(n, cols) if packed \
-            else q_out[sl]
+        dest = q_out[sl] if direct else \
+            _scratch("q", n * cols, np.dtype(np.uint8)).reshape(n, cols)
         s, i, z = (scale, inv, zero) if stride == 0 else \
             (scale[sl], None if inv is None else inv[sl], zero[sl])
         sums = _kernels.quantize(raw[sl], src, n, cols, g, s, i, z, stride, float(spec.qmin),
                                  float(spec.qmax), dest)
-        if packed:
+        if spec.packed:
             q_out[sl] = packing.pack(dest.view(spec.storage_dtype), spec.bits)
+        elif not direct:
+            q_out[sl] = dest.view(spec.storage_dtype)
         if all(map(math.isfinite, sums)):
             stats.append(ErrorStats(n * cols, *sums))
         else:  # float32 partial sums overflow once |w| passes ~1e18: redo them as numpy does

@@ -446,3 +446,19 @@ def test_kernel_refuses_buffers_that_do_not_fit_the_shape():
         with pytest.raises(ValueError):
             call()
         assert np.array_equal(x, np.ones((2, 10), np.float32)), i
+
+
+def test_kernel_writes_into_an_output_with_gaps():
+    # TensorQuantizer.run may be given any (n, cols) view to fill, e.g. every other row of a
+    # larger array; the bytes must match those of a contiguous run.
+    from qtool.quant import TensorQuantizer
+
+    w = np.random.default_rng(2).normal(0, 1, (6, 40)).astype(np.float32)
+    spec = QuantSpec("asymmetric")
+    ref = quantize(w, spec)
+    tq = TensorQuantizer(w.shape, w.dtype, spec)
+    big = np.zeros((12, 40), np.uint8)
+    tq.run(w, 0, big[::2])
+    np.testing.assert_array_equal(big[::2], ref.data)
+    assert not big[1::2].any()
+    np.testing.assert_array_equal(tq.scale, ref.scale)
