@@ -1,4 +1,4 @@
-"""Build the optional C accelerator qtool._kernels (everything else is in pyproject.toml).
+"""Build the optional C accelerator qtool.core._kernels (everything else is in pyproject.toml).
 
 ``optional=True``: if no C compiler is available the install still succeeds, and qtool
 computes the same results with numpy alone (more slowly).
@@ -12,5 +12,5 @@ from setuptools import Extension, setup
 # does (the results must be bit-identical to the numpy path). Never -ffast-math.
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
 
-setup(ext_modules=[Extension("qtool._kernels", ["qtool/_kernels.c"], optional=True,
+setup(ext_modules=[Extension("qtool.core._kernels", ["qtool/core/_kernels.c"], optional=True,
                              extra_compile_args=FLAGS)])

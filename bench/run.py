@@ -223,10 +223,10 @@ def core_child(path: Path, repeat: int) -> None:
     """In a process of its own (its memory holds the whole checkpoint): the quantizing core
     against a plain numpy copy and a naive numpy quantizer, all on the same in-memory
     tensors, and the same for dequantizing. Prints JSON."""
-    from qtool.io import SafetensorsFile
-    from qtool.pipeline import _blas_single_threaded
-    from qtool.quant import dequantize, quantize
-    from qtool.schemes import QuantSpec
+    from qtool.core.quant import dequantize, quantize
+    from qtool.core.schemes import QuantSpec
+    from qtool.formats.safetensors import SafetensorsFile
+    from qtool.pipeline.streams import _blas_single_threaded
 
     with SafetensorsFile(path) as f:
         ws = [f.read(t) for t in f.tensors if len(t.shape) == 2]
@@ -271,7 +271,7 @@ def core_child(path: Path, repeat: int) -> None:
             dequantize(qt.data, qt.scale, qt.zero_point, qt.shape, spec, np.float32,
                        None, pool.map)
 
-    import qtool.quant as quant
+    import qtool.core.blocks as quant
 
     with _blas_single_threaded():
         out = {"bytes": nbytes, "copy": best(numpy_copy),
@@ -338,12 +338,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from qtool.quant import kernels_available
+    from qtool.core.blocks import kernels_available
 
     return (f"{os.cpu_count()} cores ({model}; SHA instructions: "
             f"{'yes' if has_sha_instructions() else 'no'}), Linux {platform.release()}, Python "
             f"{platform.python_version()}, numpy {np.__version__}; qtool's core: "
-            f"{'C kernel (qtool._kernels)' if kernels_available() else 'numpy only'}")
+            f"{'C kernel (qtool.core._kernels)' if kernels_available() else 'numpy only'}")
 
 
 def has_sha_instructions() -> bool:
@@ -388,7 +388,7 @@ def own_seconds() -> float:
 
 
 def largest_f32(path: Path) -> int:
-    from qtool.io import open_checkpoint
+    from qtool.formats.shards import open_checkpoint
 
     return max(t.numel * 4 for t in open_checkpoint(path).tensors())
 
@@ -490,7 +490,7 @@ def main() -> None:
                c["copy"] / core >= 0.40)
         target(f"core {kind}: {naive / core:.2f}x the throughput of naive numpy (>= 3)",
                naive / core >= 3)
-    from qtool.quant import kernels_available
+    from qtool.core.blocks import kernels_available
 
     if kernels_available():
         npc = core_rounds(src, args.repeat, numpy_only=True)
@@ -499,7 +499,7 @@ def main() -> None:
             naive, core = npc[f"naive_{kind}"], npc[f"core_{kind}"]
             print(f"  {'  qtool core ' + kind + ', numpy only':36s} {core:6.3f} "
                   f"{gb / core:8.2f} {npc['copy'] / core:7.2f} {naive / core:8.2f}")
-    from qtool.quant import BLOCK_ELEMENTS
+    from qtool.core.blocks import BLOCK_ELEMENTS
 
     sweep = ", ".join(f"{int(b) >> 10}k{' (default)' if int(b) == BLOCK_ELEMENTS else ''}: "
                       f"{gb / t:.2f}" for b, t in c["block_sweep"].items())

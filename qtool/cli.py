@@ -12,7 +12,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,53 +20,25 @@ import click
 from click.core import ParameterSource
 
 from qtool import __version__
+from qtool.console import FilePath, _err_console, _fail, _one_line, _progress, _show_progress
+from qtool.options import SCHEME_CHOICES, _load_rules, _make_spec, selection_options, spec_options
 
 if TYPE_CHECKING:
-    from rich.console import Console
 
-    from qtool.pipeline import TensorResult
+    pass
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
 
-SCHEME_CHOICES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
 
 
-class _Silent:
-    """What --quiet prints through: nothing. Spares importing Rich (~25 ms of startup)."""
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
-def _err_console(quiet: bool = False) -> Console:
-    if quiet:
-        return _Silent()  # type: ignore[return-value]
-    from rich.console import Console
-
-    return Console(stderr=True, quiet=quiet, highlight=False)
 
 
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
 
 
-def _fail(msg: str) -> None:
-    """Print a one-line error on stderr (never silenced by --quiet)."""
-    click.echo(f"qtool: error: {_one_line(msg)}", err=True)
 
 
-class FilePath(click.Path):
-    """A filesystem path; ``-`` is refused, since qtool reads and writes files, not streams."""
-
-    def __init__(self) -> None:
-        super().__init__(path_type=Path)
-
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Any:
-        if str(value) == "-":
-            self.fail("'-' (standard input/output) is not supported; give a file path",
-                      param, ctx)
-        return super().convert(value, param, ctx)
 
 
 class QtoolGroup(click.Group):
@@ -108,8 +80,8 @@ class QtoolGroup(click.Group):
 
 def _is_input_error(e: BaseException) -> bool:
     # Imported lazily: the error classes live below numpy-importing modules.
-    from qtool.io import CheckpointError
-    from qtool.schemes import SpecError
+    from qtool.core.schemes import SpecError
+    from qtool.formats._common import CheckpointError
 
     return isinstance(e, CheckpointError | SpecError | OSError | click.ClickException)
 
@@ -126,109 +98,16 @@ def cli() -> None:
     """
 
 
-def spec_options(f: Any) -> Any:
-    """The options that make a QuantSpec, shared by `quantize` and `report`'s dry run."""
-    opts = [
-        click.option("--granularity", "-g", type=click.Choice(["tensor", "channel", "group"]),
-                     default="channel", show_default=True,
-                     help="One scale per tensor, per row (output channel) or per group of "
-                          "--group-size values along a row. gnmt is always per row."),
-        click.option("--bits", "-b", type=click.IntRange(2, 8), default=8, show_default=True,
-                     help="Bit width (2-8); below 8, values are bit-packed. gnmt is 8-bit only."),
-        click.option("--group-size", type=click.IntRange(1), default=128, show_default=True,
-                     help="Values per group with --granularity group."),
-        click.option("--range", "range_", type=click.Choice(["minmax", "percentile", "mse"]),
-                     default="minmax", show_default=True,
-                     help="How to pick the clipping range: min/max, a percentile of |w|, or "
-                          "the clip that minimises the squared error."),
-        click.option("--percentile", type=float, default=99.99, show_default=True,
-                     help="With --range percentile: clip at this percentile of |w| "
-                          "(asymmetric: at the P and 100-P percentiles of w)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
 
 
-def selection_options(prefix: str) -> Any:
-    """Which tensors are quantized, and how: shared by `quantize` and `report`'s dry run."""
-
-    def h(text: str) -> str:
-        text = prefix + text
-        return text[0].upper() + text[1:]
-
-    def deco(f: Any) -> Any:
-        opts = [
-            click.option("--skip", multiple=True, metavar="GLOB",
-                         help=h("keep tensors whose name matches in float (repeatable).")),
-            click.option("--only", multiple=True, metavar="GLOB",
-                         help=h("quantize only tensors whose name matches (repeatable).")),
-            click.option("--recipe", type=FilePath(), default=None,
-                         help=h("TOML file of per-tensor rules (docs/RECIPES.md).")),
-            click.option("--allow-unused-rules", is_flag=True,
-                         help=h("a recipe rule that matches nothing is a warning, not an "
-                                "error.")),
-            click.option("--nan-policy", type=click.Choice(["error", "skip"]), default="error",
-                         show_default=True,
-                         help=h("a tensor with NaN/inf fails, or is kept in float (costs "
-                                "one extra read).")),
-        ]
-        for o in reversed(opts):
-            f = o(f)
-        return f
-
-    return deco
 
 
-def _load_rules(recipe: Path | None) -> tuple:
-    if recipe is None:
-        return ()
-    from qtool.recipe import load_recipe
-
-    return load_recipe(recipe)
 
 
-def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_: str,
-               percentile: float) -> Any:
-    from qtool.schemes import QuantSpec
-
-    return QuantSpec(scheme=scheme, bits=bits, granularity=granularity, group_size=group_size,
-                     range=range_, percentile=percentile)
 
 
-def _progress(results: Iterator[TensorResult], total: int, total_bytes: int, label: str,
-              show: bool) -> Iterator[TensorResult]:
-    """Wrap a result stream in a Rich progress bar on stderr, shown only on a TTY: tensors
-    done out of total, bytes per second and time left. The bar, the speed and the time left
-    all follow bytes (a checkpoint's tensors differ in size by orders of magnitude, so a
-    tensor count says little about time); the tensor count is a text field."""
-    if not show:
-        yield from results
-        return
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(),
-               TextColumn("{task.fields[done]}/{task.fields[count]} tensors"),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=_err_console(), transient=True) as bar:
-        whole = max(total_bytes, 1)
-        task = bar.add_task(label, total=whole, done=0, count=total)
-        done = done_bytes = 0
-        for r in results:
-            done += 1
-            done_bytes += r.input_bytes
-            bar.update(task, completed=min(done_bytes, whole), done=done)
-            yield r
 
 
-def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
 
 
 @cli.command()
@@ -252,7 +131,8 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
              quiet: bool) -> int:
     """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
     holding either) into the artifact directory OUT_DIR."""
-    from qtool.pipeline import QuantizeOptions, quantize_checkpoint
+    from qtool.pipeline.plan import QuantizeOptions
+    from qtool.pipeline.run import quantize_checkpoint
 
     explicit = click.get_current_context().get_parameter_source("granularity")
     if scheme == "gnmt" and granularity != "channel" and explicit is ParameterSource.COMMANDLINE:
@@ -279,7 +159,8 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
                           "float (--nan-policy skip)", markup=False, soft_wrap=True)
     if quiet and not as_json:
         return EXIT_OK  # nothing to show: no summary to build
-    from qtool.report import quantize_summary, render_summary
+    from qtool.report.model import quantize_summary
+    from qtool.report.tables import render_summary
 
     summary = quantize_summary(records, Path(out_dir), seconds)
     if as_json:
@@ -304,8 +185,8 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, f
                quiet: bool) -> int:
     """Restore a float checkpoint from the artifact ART_DIR into OUT (a .safetensors file, or
     a directory for a sharded artifact)."""
-    from qtool.artifact import Artifact
-    from qtool.pipeline import dequantize_artifact
+    from qtool.formats.native import Artifact
+    from qtool.pipeline.dequantize import dequantize_artifact
 
     t0 = time.perf_counter()
     results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
@@ -327,7 +208,7 @@ def verify(art_dir: Path, quiet: bool) -> int:
     tensor's dtype and shape, each quantized tensor's scale and zero point, and that the
     integers, scales and zero points are inside their scheme's range. Exit 0 when all holds,
     2 otherwise, with one line per problem on stderr."""
-    from qtool.artifact import Artifact
+    from qtool.formats.native import Artifact
 
     art = Artifact.load(art_dir)  # an unreadable manifest is one error like any bad input
     problems = art.file_problems() + art.tensor_problems()
@@ -400,19 +281,18 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
 
     from click.core import ParameterSource
 
-    from qtool.artifact import MANIFEST, Artifact
-    from qtool.io import CheckpointError
-    from qtool.report import (
+    from qtool.formats._common import CheckpointError
+    from qtool.formats.manifest import MANIFEST
+    from qtool.formats.native import Artifact
+    from qtool.report.model import (
         ReportError,
         artifact_report,
         disk_bytes,
         dry_run_report,
         load_energy_model,
-        render_report,
-        to_csv,
-        to_json,
-        to_markdown,
     )
+    from qtool.report.tables import render_report
+    from qtool.report.text import to_csv, to_json, to_markdown
 
     for flag, value in (("--fail-under-sqnr", fail_under_sqnr), ("--max-error", max_error)):
         if value is not None and not math.isfinite(value):
@@ -439,7 +319,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             records = list(art.manifest.tensors)
             metrics_from = "manifest"
         else:
-            from qtool.pipeline import measure_artifact
+            from qtool.pipeline.measure import measure_artifact
 
             run = measure_artifact(path, original, jobs)
             art = run.art
@@ -454,7 +334,8 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             flag = "--original" if original is not None else "--verify"
             raise click.UsageError(f"{flag} applies to an artifact; {path} is not one "
                                    f"(no {MANIFEST})")
-        from qtool.pipeline import QuantizeOptions, dry_run
+        from qtool.pipeline.measure import dry_run
+        from qtool.pipeline.plan import QuantizeOptions
 
         specs = [_make_spec(s, granularity, bits, group_size, range_, percentile)
                  for s in dict.fromkeys(schemes or ("symmetric",))]

@@ -1,4 +1,4 @@
-"""qtool.artifact: the documented format, its loader in docs/FORMAT.md, and the cheap checks."""
+"""qtool.formats.native: the documented format, its loader in docs/FORMAT.md, and the cheap checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qtool.artifact import Artifact, ArtifactError
+from qtool.formats.manifest import ArtifactError
+from qtool.formats.native import Artifact
 from tests.conftest import ROOT, make_tensors, run, write_checkpoint
 
 

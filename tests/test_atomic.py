@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qtool.artifact import verify
+from qtool.formats.native import verify
 
 SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 TENSORS_PER_SHARD = 16

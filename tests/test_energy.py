@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from qtool.energy import EnergyModel, EnergyModelError, TensorCost, assumptions, estimate
+from qtool.report.energy import EnergyModel, EnergyModelError, TensorCost, assumptions, estimate
 
 
 def test_default_figures_are_horowitz_isscc_2014():

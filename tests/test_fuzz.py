@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save
 
-from qtool.io import DTYPES
+from qtool.formats._common import DTYPES
 
 ADDRESS_SPACE_LIMIT = 2 << 30  # bytes of virtual memory the worker may map
 FILE_SIZE_LIMIT = 64 << 20  # no output file may grow beyond this (inputs are ~1 KB)

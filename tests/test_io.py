@@ -1,4 +1,4 @@
-"""Tests for qtool.io: the validating safetensors reader, checkpoint resolution, the writer."""
+"""Tests for qtool.formats (safetensors, shards, writer): the validating safetensors reader, checkpoint resolution, the writer."""
 
 from __future__ import annotations
 
@@ -16,17 +16,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from qtool.io import (
-    DTYPES,
-    FLOAT_CODES,
-    CheckpointError,
-    SafetensorsFile,
-    SafetensorsWriter,
-    TensorInfo,
-    aligned_buffer,
-    dtype_code,
-    open_checkpoint,
-)
+from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, aligned_buffer, dtype_code
+from qtool.formats.safetensors import SafetensorsFile, TensorInfo
+from qtool.formats.shards import open_checkpoint
+from qtool.formats.writer import SafetensorsWriter
 from tests.conftest import raw_file
 
 # --------------------------------------------------------------------------------------------

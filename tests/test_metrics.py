@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from qtool.metrics import ErrorStats, sqnr_db
+from qtool.core.metrics import ErrorStats, sqnr_db
 
 
 def _reference(w: np.ndarray, w_hat: np.ndarray) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Tests for qtool.packing against hand-computed bytes and an independent plain-Python reader."""
+"""Tests for qtool.core.packing against hand-computed bytes and an independent plain-Python reader."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qtool import packing
-from qtool.packing import pack, packed_row_bytes, unpack
+from qtool.core import packing
+from qtool.core.packing import pack, packed_row_bytes, unpack
 
 BITS = list(range(2, 9))
 

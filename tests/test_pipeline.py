@@ -17,9 +17,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-import qtool.pipeline as pipeline
-import qtool.quant as quant
-from qtool.io import SafetensorsFile, SafetensorsWriter
+import qtool.core.blocks as blocks
+import qtool.core.quant as quant
+import qtool.pipeline.streams as pipeline
+from qtool.core.schemes import QuantSpec
+from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.writer import SafetensorsWriter
 from tests.conftest import run, tensor_order
 
 META = {"format": "pt"}
@@ -254,8 +257,8 @@ def _mixed_checkpoint(path: Path) -> Path:
 def test_output_is_byte_identical_whatever_jobs(tmp_path, monkeypatch, args):
     # Small blocks, tasks and runs, so that every tensor spans many of each and the threads
     # really interleave.
-    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 1000)
-    monkeypatch.setattr(quant, "TASK_ELEMENTS", 3000)
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(blocks, "TASK_ELEMENTS", 3000)
     monkeypatch.setattr(pipeline, "CHUNK_BYTES", 20_000)
     monkeypatch.setattr(pipeline, "QUANTIZE_CHUNK_BYTES", 30_000)
     src = _mixed_checkpoint(tmp_path / "model.safetensors")
@@ -276,7 +279,7 @@ def test_output_is_byte_identical_whatever_jobs(tmp_path, monkeypatch, args):
         for t in m["tensors"]:
             if "passthrough" in t:
                 continue
-            spec = quant.QuantSpec(**{k: t[k] for k in ("scheme", "bits", "granularity",
+            spec = QuantSpec(**{k: t[k] for k in ("scheme", "bits", "granularity",
                                                         "group_size", "range", "percentile")
                                       if k in t})
             qt = quant.quantize(f.read(t["name"]), spec)

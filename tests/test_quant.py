@@ -1,4 +1,4 @@
-"""qtool.quant: the notes' worked examples digit for digit, and properties of every scheme."""
+"""qtool.core.quant: the notes' worked examples digit for digit, and properties of every scheme."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qtool.quant import dequantize, quantize, quantize_fixed
-from qtool.schemes import QuantSpec, dequantize_values
+from qtool.core.quant import dequantize, quantize, quantize_fixed
+from qtool.core.schemes import QuantSpec, dequantize_values
 
 # The example tensor of ../shared/quantization-notes.md
 NOTES_W = np.array(
@@ -23,12 +23,12 @@ NOTES_W = np.array(
 def core(request, monkeypatch):
     """Run the test through qtool's C kernel, then again through its numpy code (the path of
     an install without a C compiler): the notes' numbers must come out of both."""
-    import qtool.quant as quant
+    import qtool.core.blocks as quant
 
     if request.param == "numpy":
         monkeypatch.setattr(quant, "_kernels", None)
     else:
-        assert quant.kernels_available(), "qtool._kernels was not built by `pip install -e .`"
+        assert quant.kernels_available(), "qtool.core._kernels was not built by `pip install -e .`"
     return request.param
 
 
@@ -207,7 +207,7 @@ def test_float64_is_computed_in_float64():
 
 
 def test_results_independent_of_block_size(monkeypatch):
-    import qtool.quant as quant
+    import qtool.core.blocks as quant
 
     w = np.random.default_rng(3).standard_t(3, size=(300, 257)).astype(np.float32)
     spec = QuantSpec("asymmetric", granularity="tensor")
@@ -235,7 +235,7 @@ def test_stats_match_numpy(core):
 
 
 def test_symmetric_unsigned_rejects_negative_values(core):
-    from qtool.quant import NegativeValuesError
+    from qtool.core.blocks import NegativeValuesError
 
     w = np.array([[0.1, -0.2], [0.3, 0.4]], np.float32)
     for g in ("tensor", "channel"):
@@ -244,7 +244,7 @@ def test_symmetric_unsigned_rejects_negative_values(core):
 
 
 def test_nan_is_reported_with_count(core):
-    from qtool.quant import NonFiniteError
+    from qtool.core.blocks import NonFiniteError
 
     w = np.ones((4, 4), np.float32)
     w[1, 2] = np.nan
@@ -269,15 +269,15 @@ def test_stats_of_huge_values_do_not_overflow(core):
 
 # --------------------------------------------------------------------------- the C kernel
 #
-# qtool/_kernels.c does the per-value work when it is built (it is on every machine with a C
-# compiler, CI included); qtool/quant.py's numpy code does the same without it. Both must
+# qtool/core/_kernels.c does the per-value work when it is built (it is on every machine with a C
+# compiler, CI included); qtool/core/quant.py's numpy code does the same without it. Both must
 # write the same bytes: these tests run each case through both and compare.
 
 
 def _both_paths(fn, monkeypatch):
-    import qtool.quant as quant
+    import qtool.core.blocks as quant
 
-    assert quant.kernels_available(), "qtool._kernels was not built by `pip install -e .`"
+    assert quant.kernels_available(), "qtool.core._kernels was not built by `pip install -e .`"
     with_kernel = fn()
     monkeypatch.setattr(quant, "_kernels", None)
     assert not quant.kernels_available()
@@ -340,7 +340,7 @@ def test_kernel_writes_the_bytes_numpy_writes(spec, dtype, shape, monkeypatch):
                     elements=st.floats(-1e6, 1e6, width=32)),
        spec=st.sampled_from(KERNEL_SPECS[:6] + KERNEL_SPECS[-1:]))
 def test_kernel_matches_numpy_on_any_values(w, spec):
-    import qtool.quant as quant
+    import qtool.core.blocks as quant
 
     if spec.scheme == "symmetric-unsigned":
         w = np.abs(w)
@@ -399,7 +399,7 @@ def test_kernel_rounds_bfloat16_ties_to_even():
 
 
 def test_kernel_reports_nonfinite_values_with_the_tensor_count():
-    from qtool.quant import NonFiniteError
+    from qtool.core.blocks import NonFiniteError
 
     w = np.ones((600, 1200), np.float32)  # several blocks: the count is the whole tensor's
     w[5, 7] = np.nan
@@ -424,7 +424,7 @@ def test_kernel_huge_values_fall_back_to_float64_sums(monkeypatch):
 
 
 def test_kernel_refuses_buffers_that_do_not_fit_the_shape():
-    from qtool import _kernels as k
+    from qtool.core import _kernels as k
 
     x = np.ones((2, 10), np.float32)
     q = np.empty((2, 10), np.uint8)
@@ -451,7 +451,7 @@ def test_kernel_refuses_buffers_that_do_not_fit_the_shape():
 def test_kernel_writes_into_an_output_with_gaps():
     # TensorQuantizer.run may be given any (n, cols) view to fill, e.g. every other row of a
     # larger array; the bytes must match those of a contiguous run.
-    from qtool.quant import TensorQuantizer
+    from qtool.core.quant import TensorQuantizer
 
     w = np.random.default_rng(2).normal(0, 1, (6, 40)).astype(np.float32)
     spec = QuantSpec("asymmetric")

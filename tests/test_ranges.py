@@ -1,4 +1,4 @@
-"""Tests for qtool.ranges: every expected value is recomputed here with plain numpy."""
+"""Tests for qtool.core.ranges: every expected value is recomputed here with plain numpy."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qtool import ranges
-from qtool.ranges import find_range
-from qtool.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
+from qtool.core import ranges
+from qtool.core.ranges import find_range
+from qtool.core.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
 
 SCHEMES_BITS = [("symmetric", b) for b in range(2, 9)] + [
     ("symmetric-unsigned", b) for b in range(2, 9)

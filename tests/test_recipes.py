@@ -1,4 +1,4 @@
-"""Recipes (qtool.recipe + pipeline.decide/make_plan): parsing, validation, and the CLI on
+"""Recipes (qtool.pipeline.recipe + plan.decide/make_plan): parsing, validation, and the CLI on
 real files, including the transformer recipe of docs/RECIPES.md on the sample weights."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from qtool.io import open_checkpoint
-from qtool.pipeline import QuantizeOptions, Rule, make_plan
-from qtool.recipe import RecipeError, load_recipe
-from qtool.schemes import QuantSpec, SpecError
+from qtool.core.schemes import QuantSpec, SpecError
+from qtool.formats.shards import open_checkpoint
+from qtool.pipeline.plan import QuantizeOptions, Rule, make_plan
+from qtool.pipeline.recipe import RecipeError, load_recipe
 from tests.conftest import ROOT, SAMPLE, header, run, write_checkpoint
 
 ISSUE_EXAMPLE = """\

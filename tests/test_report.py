@@ -17,7 +17,8 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
-from qtool.report import Report, artifact_report, render_report
+from qtool.report.model import Report, artifact_report
+from qtool.report.tables import render_report
 from tests.conftest import ROOT, SAMPLE, make_tensors, run, write_checkpoint
 
 ANSI = re.compile(r"\x1b\[")
@@ -361,7 +362,7 @@ def test_table_is_plain_and_fits_80_columns(tmp_path, monkeypatch):
 
 def test_table_colours_bad_sqnr_on_a_terminal_and_respects_no_color(tmp_path, monkeypatch):
     src, out = _quantize(tmp_path, None, "--scheme", "gnmt")
-    from qtool.artifact import Artifact
+    from qtool.formats.native import Artifact
 
     records = Artifact.open(out).manifest.tensors
     report = artifact_report(out, records, fail_under_sqnr=200.0)

@@ -23,9 +23,10 @@ from click.testing import Result
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from qtool.artifact import FORMAT_VERSION, verify
 from qtool.cli import cli
-from qtool.io import MAX_DIMS
+from qtool.formats._common import MAX_DIMS
+from qtool.formats.manifest import FORMAT_VERSION
+from qtool.formats.native import verify
 from tests.conftest import make_tensors, raw_file, run, write_checkpoint
 
 # --------------------------------------------------------------------------------------------
@@ -345,9 +346,9 @@ def test_values_beyond_float32_scales_are_refused_not_written_as_inf(tmp_path):
 def test_manifest_never_holds_non_json_numbers():
     """Sums of squares that overflowed are left out of the manifest rather than written as
     the non-standard `Infinity`, which strict JSON readers (and qtool's) refuse."""
-    from qtool.artifact import TensorRecord
-    from qtool.metrics import ErrorStats
-    from qtool.schemes import QuantSpec
+    from qtool.core.metrics import ErrorStats
+    from qtool.core.schemes import QuantSpec
+    from qtool.formats.manifest import TensorRecord
 
     rec = TensorRecord("w", "m.safetensors", "F64", (2, 2), QuantSpec(),
                        stats=ErrorStats(4, float("inf"), 1.0, 0.0, 0.5))

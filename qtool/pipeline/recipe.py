@@ -23,8 +23,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from qtool.pipeline import Rule
-from qtool.schemes import GRANULARITIES, RANGE_METHODS, SCHEMES, QuantSpec, SpecError
+from qtool.core.schemes import GRANULARITIES, RANGE_METHODS, SCHEMES, QuantSpec, SpecError
+from qtool.pipeline.plan import Rule
 
 # The settings a rule may give, with the TOML types each accepts. TOML has distinct integer,
 # float and boolean types, so a quoted "4" or a `true` where a number belongs is a mistake we

@@ -1,15 +1,8 @@
-"""Quantize and dequantize whole tensors: the dispatcher over schemes, granularities and ranges.
+"""Block-level quantize/dequantize arithmetic, numpy and the optional C kernel.
 
-A tensor is viewed as (rows, cols) = (shape[0], prod(shape[1:])). Work is split into row
-blocks that stay in cache; each block is independent (per-channel and per-group parameters
-live inside a block, per-tensor parameters are computed first), so blocks can run on a thread
-pool (numpy releases the GIL) and the result does not depend on the pool size. Consecutive
-blocks form a task, whose rows get their ranges and parameters in one go. Every block goes
-through the whole arithmetic in place, in float32 (float64 for F64), with no Python loop per
-element, row or group. :class:`TensorQuantizer` takes a tensor a run of rows at a time, so a
-caller can stream it; :func:`quantize` and :func:`dequantize` are the one-call forms.
-
-Numeric core: numpy arrays in, arrays out.
+A (rows, cols) tensor is cut into row blocks that stay in cache; consecutive blocks form a
+thread-pool task. Everything here works on one block or task, in place, in float32 (float64
+for F64), with no Python loop per element, row or group. quant.py drives it.
 """
 
 from __future__ import annotations
@@ -18,17 +11,17 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from qtool import packing
-from qtool.metrics import ErrorStats
-from qtool.ranges import find_range, minmax_ranges
-from qtool.schemes import QParams, QuantSpec, qparams, quantize_values
+from qtool.core import packing
+from qtool.core.metrics import ErrorStats
+from qtool.core.ranges import find_range, minmax_ranges
+from qtool.core.schemes import QParams, QuantSpec, qparams
+from qtool.core.shapes import compute_dtype, n_groups
 
-# The optional C accelerator (qtool/_kernels.c): the same integers, scales and zero points as
+# The optional C accelerator (qtool/core/_kernels.c): the same integers, scales and zero points as
 # the numpy code below, in one pass per block instead of about ten. Without a C compiler at
 # install time it is absent, and numpy does all the work. QTOOL_PURE_NUMPY=1 turns it off
 # (the tests compare both paths byte for byte).
@@ -36,21 +29,28 @@ _kernels: Any
 try:
     if os.environ.get("QTOOL_PURE_NUMPY"):
         raise ImportError("QTOOL_PURE_NUMPY is set")
-    from qtool import _kernels
+    from qtool.core import _kernels
 except ImportError:
     _kernels = None
+
 
 # Elements per block: a block (2 MB of float32) and its scratch stay in the cache of the core
 # (L2) and the shared L3. Each numpy call on a block releases and re-takes the GIL; with
 # smaller blocks those hand-offs between threads cost more than the passes gain from L2
 # (`make bench` sweeps the size: on 2 cores, 64k-value blocks ran at about half the speed).
 BLOCK_ELEMENTS = 1 << 19
+
+
 # Values per thread-pool task (whole blocks); the task's rows get their ranges at once.
 TASK_ELEMENTS = 1 << 20
+
+
 # Per-thread scratch buffers up to this many elements are kept for the next block.
 _SCRATCH_KEEP_ELEMENTS = 1 << 22
 
+
 _local = threading.local()
+
 
 Mapper = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 
@@ -69,60 +69,6 @@ class NegativeValuesError(ValueError):
     def __init__(self, minimum: float) -> None:
         super().__init__(f"has negative values (min {minimum:.6g})")
         self.minimum = minimum
-
-
-def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The (rows, cols) view of a tensor: rows = shape[0], cols = everything else."""
-    if len(shape) == 0:
-        return 1, 1
-    return int(shape[0]), int(math.prod(shape[1:]))
-
-
-def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """float64 input is computed in float64; every other float in float32."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def n_groups(cols: int, spec: QuantSpec) -> int:
-    return -(-cols // spec.group_size) if spec.granularity == "group" else 1
-
-
-def param_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
-    """Shape of the scale and zero-point sidecars of a tensor of this shape."""
-    rows, cols = rows_cols(shape)
-    if spec.granularity == "tensor":
-        return ()
-    if spec.granularity == "channel":
-        return (rows, 1)
-    return (rows, n_groups(cols, spec))
-
-
-def stored_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
-    """Shape of the stored integers: the original shape at 8 bits, (rows, packed bytes) below."""
-    if not spec.packed:
-        return tuple(shape)
-    rows, cols = rows_cols(shape)
-    return (rows, packing.packed_row_bytes(cols, spec.bits))
-
-
-@dataclass
-class QTensor:
-    """A quantized tensor: stored integers (packed below 8 bits) plus its sidecars."""
-
-    data: np.ndarray  # int8/uint8 in ``shape`` (8-bit) or uint8 (rows, packed bytes)
-    scale: np.ndarray  # float32, param_shape
-    zero_point: np.ndarray  # int32, param_shape
-    shape: tuple[int, ...]
-    spec: QuantSpec
-    stats: ErrorStats
-
-    def values(self) -> np.ndarray:
-        """The integer q values, unpacked, in the tensor's original shape."""
-        if not self.spec.packed:
-            return self.data
-        rows, cols = rows_cols(self.shape)
-        q = packing.unpack(self.data, self.spec.bits, cols, self.spec.signed)
-        return q.reshape(self.shape)
 
 
 def _block_rows(cols: int) -> int:
@@ -180,6 +126,8 @@ def _scratch(slot: str, n: int, dtype: np.dtype) -> np.ndarray:
 
 
 _Params = tuple[np.ndarray | None, ...]
+
+
 _View = Callable[[np.ndarray], np.ndarray]
 
 
@@ -446,257 +394,5 @@ def _minmax_block(xs: np.ndarray) -> tuple[float, float]:
     return float(x.min()), float(x.max())
 
 
-class TensorQuantizer:
-    """Quantizes one tensor a run of rows at a time, so that a caller can stream a tensor from
-    a memory map to a file in bounded memory. :func:`quantize` is the one-call form.
-
-    Runs of rows must come in order and be those of :meth:`chunks` (whole blocks), so that the
-    blocks, and with them every output byte and the order in which the block statistics are
-    merged, are the same whatever the run length or the thread count. Per-tensor granularity
-    needs :meth:`set_tensor_range` first. ``scale``, ``zero_point`` and ``stats`` are complete
-    once every row has been run.
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, spec: QuantSpec) -> None:
-        self.shape = tuple(int(d) for d in shape)
-        self.spec = spec
-        self.rows, self.cols = rows_cols(self.shape)
-        self.cdt = compute_dtype(np.dtype(dtype))
-        pshape = param_shape(self.shape, spec)
-        self.scale = np.empty(pshape, np.float32)
-        self.zero_point = np.empty(pshape, np.int32)
-        self.stats = ErrorStats()
-        self.block_rows = _block_rows(self.cols)
-        self._tensor_p: QParams | None = None
-        self._done = 0
-
-    @property
-    def out_dtype(self) -> np.dtype:
-        """dtype of the stored values (uint8 bytes when packed)."""
-        return np.dtype(np.uint8) if self.spec.packed else self.spec.storage_dtype
-
-    @property
-    def out_row_items(self) -> int:
-        """Stored items per row: cols, or the packed bytes of a row."""
-        return stored_shape((self.rows, self.cols), self.spec)[1]
-
-    @property
-    def needs_tensor_range(self) -> bool:
-        return self.spec.granularity == "tensor"
-
-    def chunks(self, max_elements: int) -> list[tuple[int, int]]:
-        """Row runs [a, b) of whole blocks, each about ``max_elements`` values (at least one
-        block), covering the tensor."""
-        per_block = self.block_rows * max(self.cols, 1)
-        step = self.block_rows * max(1, max_elements // per_block)
-        return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)]
-
-    def set_tensor_range(
-        self, rows_of: Callable[[int, int], np.ndarray], mapper: Mapper | None = None,
-        max_elements: int = 1 << 22,
-    ) -> None:
-        """The one (scale, zero point) of a per-tensor spec, from the whole tensor.
-
-        ``rows_of(a, b)`` returns rows [a, b) as a (b - a, cols) array. minmax reads the
-        tensor run by run; percentile and mse need it whole, as one compute-dtype copy.
-        """
-        mapper = mapper or _serial_map
-        spec = self.spec
-        finite = True
-        if spec.range == "minmax":
-            lo_v, hi_v = math.inf, -math.inf
-            for a, b in self.chunks(max_elements):
-                x = rows_of(a, b)
-                # min and max are exact and order-free: per-block partials reduce exactly.
-                for mn, mx in mapper(_minmax_block, [x[sl] for sl in _blocks(b - a, self.cols)
-                                                     if x[sl].size]):
-                    finite = finite and math.isfinite(mn) and math.isfinite(mx)
-                    lo_v, hi_v = min(lo_v, mn), max(hi_v, mx)
-            if lo_v > hi_v:  # no values at all
-                lo_v = hi_v = 0.0
-            lo, hi = np.array([lo_v]), np.array([hi_v])
-            if finite and spec.scheme == "symmetric-unsigned" and lo_v < 0:
-                raise NegativeValuesError(lo_v)
-        else:
-            lo, hi = _ranges_or_nonfinite(rows_of(0, self.rows).astype(self.cdt), spec)
-            if spec.scheme == "symmetric-unsigned":
-                minimum = min((float(rows_of(a, b).min()) for a, b in self.chunks(max_elements)
-                               if b > a and self.cols), default=0.0)
-                if minimum < 0:
-                    raise NegativeValuesError(minimum)
-        if not finite:
-            bad = sum(int(np.count_nonzero(~np.isfinite(rows_of(a, b).astype(self.cdt))))
-                      for a, b in self.chunks(max_elements))
-            raise NonFiniteError(bad)
-        self._tensor_p = qparams(lo, hi, spec)
-        self.scale[()] = self._tensor_p.scale[0]
-        self.zero_point[()] = self._tensor_p.zero_point[0]
-
-    def run(self, x: np.ndarray, row0: int, out: np.ndarray, mapper: Mapper | None = None) -> None:
-        """Quantize rows [row0, row0 + len(x)) of the tensor, ``x`` of shape (n, cols) in any
-        float dtype, into ``out`` (n, out_row_items) of out_dtype. Blocks run on ``mapper``
-        (e.g. ``ThreadPoolExecutor.map``; serial by default). Raises NonFiniteError for
-        NaN/inf, NegativeValuesError for symmetric-unsigned on negative values."""
-        mapper = mapper or _serial_map
-        n = x.shape[0]
-        if row0 != self._done or row0 % self.block_rows or row0 + n > self.rows:
-            raise ValueError(f"rows [{row0}, {row0 + n}) are not the next run of whole blocks")
-        tp = self._tensor_p
-        if tp is None and self.needs_tensor_range:
-            raise ValueError("per-tensor quantization needs set_tensor_range() first")
-        spec, cdt = self.spec, self.cdt
-        scale2d = None if tp is not None else self.scale.reshape(self.rows, -1)
-        zero2d = None if tp is not None else self.zero_point.reshape(self.rows, -1)
-
-        def task(blocks: list[slice]) -> list[ErrorStats]:
-            a, b = blocks[0].start, blocks[-1].stop
-            rows = slice(row0 + a, row0 + b)
-            return _quantize_task(
-                x[a:b], [slice(sl.start - a, sl.stop - a) for sl in blocks], spec, cdt, tp,
-                out[a:b], None if scale2d is None else scale2d[rows],
-                None if zero2d is None else zero2d[rows])
-
-        for stats in mapper(task, _tasks(_blocks(n, self.cols), self.cols)):
-            for s in stats:
-                self.stats = self.stats.merge(s)  # merged in block order: deterministic
-        self._done += n
 
 
-def quantize(
-    w: np.ndarray, spec: QuantSpec, mapper: Mapper | None = None
-) -> QTensor:
-    """Quantize a float tensor of two or more dimensions according to ``spec``.
-
-    ``mapper`` (e.g. ``ThreadPoolExecutor.map``) runs the row blocks; the default is serial.
-    Raises NonFiniteError for NaN/inf and NegativeValuesError for symmetric-unsigned on
-    negative values.
-    """
-    tq = TensorQuantizer(tuple(w.shape), w.dtype, spec)
-    w2d = np.ascontiguousarray(w).reshape(tq.rows, tq.cols)
-    if tq.needs_tensor_range:
-        tq.set_tensor_range(lambda a, b: w2d[a:b], mapper)
-    data = np.empty(stored_shape(tq.shape, spec), tq.out_dtype)
-    try:
-        tq.run(w2d, 0, data.reshape(tq.rows, tq.out_row_items), mapper)
-    except NonFiniteError:
-        # A block counts only its own values; the message must give the whole tensor's count.
-        raise NonFiniteError(int(np.count_nonzero(~np.isfinite(w2d.astype(tq.cdt))))) from None
-    return QTensor(data, tq.scale, tq.zero_point, tq.shape, spec, tq.stats)
-
-
-def quantize_fixed(
-    w: np.ndarray, scale: float, zero_point: int = 0, spec: QuantSpec | None = None
-) -> np.ndarray:
-    """Quantize with a given scale and zero point (e.g. the notes' scale 1/255 example).
-
-    q = clip(rint(w / scale) + zero_point, qmin, qmax), as int8 (signed) or uint8.
-    """
-    spec = spec or QuantSpec("symmetric", granularity="tensor")
-    cdt = compute_dtype(w.dtype)
-    p = QParams(np.asarray(scale, np.float64), np.asarray(zero_point, np.int32))
-    x = np.asarray(w, dtype=cdt).copy()
-    if spec.scheme != "asymmetric" and zero_point:
-        raise ValueError("a non-zero zero point needs the asymmetric scheme")
-    return quantize_values(x, p, spec, out=x).astype(spec.storage_dtype)
-
-
-def dequantize(
-    data: np.ndarray,
-    scale: np.ndarray,
-    zero_point: np.ndarray,
-    shape: tuple[int, ...],
-    spec: QuantSpec,
-    out_dtype: np.dtype,
-    compute: np.dtype | None = None,
-    mapper: Mapper | None = None,
-) -> np.ndarray:
-    """w_hat = scale * (q - zero_point), cast to ``out_dtype``, in the tensor's ``shape``."""
-    rows, cols = rows_cols(shape)
-    out = np.empty(shape, out_dtype)
-    stored = data.reshape(rows, stored_shape((rows, cols), spec)[1])
-    dequantize_rows(stored, scale, zero_point, 0, shape, spec, out.reshape(rows, cols), compute,
-                    mapper)
-    return out
-
-
-def dequantize_rows(
-    stored: np.ndarray,
-    scale: np.ndarray,
-    zero_point: np.ndarray,
-    row0: int,
-    shape: tuple[int, ...],
-    spec: QuantSpec,
-    out: np.ndarray,
-    compute: np.dtype | None = None,
-    mapper: Mapper | None = None,
-) -> None:
-    """The streaming form of :func:`dequantize`: rows [row0, row0 + len(stored)) of a tensor of
-    ``shape``, ``stored`` as in the file ((n, cols) integers, or (n, packed bytes)), into
-    ``out`` ((n, cols) of any float dtype). ``scale`` and ``zero_point`` are the whole
-    tensor's. Every value depends only on its own q and parameters, so any split is exact."""
-    mapper = mapper or _serial_map
-    compute = np.dtype(compute or np.float32)
-    rows, cols = rows_cols(shape)
-    n = stored.shape[0]
-    scale = np.asarray(scale, np.float32)
-    zero_point = np.asarray(zero_point, np.int32)
-    per_tensor = spec.granularity == "tensor"
-    s2d = scale if per_tensor else scale.reshape(rows, -1)
-    z2d = zero_point if per_tensor else zero_point.reshape(rows, -1)
-
-    def task(blocks: list[slice]) -> None:
-        with np.errstate():  # restores the buffer size on the way out
-            np.setbufsize(_bufsize(spec, cols))
-            for sl in blocks:
-                rows_ = slice(row0 + sl.start, row0 + sl.stop)
-                s = s2d if per_tensor else s2d[rows_]
-                z = z2d if per_tensor else z2d[rows_]
-                _dequantize_block(stored[sl], s, z, spec, cols, compute, out[sl])
-
-    for _ in mapper(task, _tasks(_blocks(n, cols), cols)):
-        pass
-
-
-def _kernel_output(out: np.ndarray, compute: np.dtype) -> int | None:
-    """The kernel's output code for ``out`` (0 float32, 1 bfloat16), or None for numpy."""
-    if _kernels is None or compute != np.float32 or not out.flags.c_contiguous or \
-            out.shape[-1] == 0:
-        return None
-    if out.dtype == np.float32:
-        return 0
-    return 1 if out.dtype.name == "bfloat16" else None
-
-
-def _dequantize_block(
-    q: np.ndarray, s: np.ndarray, z: np.ndarray, spec: QuantSpec, cols: int,
-    compute: np.dtype, out: np.ndarray,
-) -> None:
-    """schemes.dequantize_values on one block, in place: the result lands in ``out`` directly
-    unless ``out`` needs a narrower dtype (then via a per-thread scratch block)."""
-    if spec.packed:
-        q = packing.unpack(q, spec.bits, cols, spec.signed)
-    out_code = _kernel_output(out, compute)
-    if out_code is not None and q.flags.c_contiguous and q.dtype.itemsize == 1:
-        per_tensor = spec.granularity == "tensor"
-        g = spec.group_size if spec.granularity == "group" else cols
-        s32 = np.ascontiguousarray(s, np.float32)
-        _kernels.dequantize(q, q.dtype == np.int8, q.shape[0], cols, g, s32,
-                            z.astype(np.float32), 0 if per_tensor else s32.shape[-1],
-                            out.view(np.uint16) if out_code == 1 else out, out_code)
-        return
-    if out.dtype == compute and out.flags.c_contiguous:
-        dest = out
-    else:
-        dest = _scratch("w", q.size, compute).reshape(q.shape)
-    for view, (sv, zv) in _parts(spec, cols, (s, z)):
-        assert sv is not None and zv is not None
-        qv, dv = view(q), view(dest)
-        # Convert, then compute in place: a plain int -> float copy is vectorised, whereas a
-        # ufunc given int8 operands and a float loop converts through small buffers (measured
-        # 1.7x slower). The values are those of q.astype(compute).
-        np.copyto(dv, qv)
-        if np.any(zv):
-            np.subtract(dv, zv, out=dv, dtype=compute)
-        np.multiply(dv, sv, out=dv, dtype=compute)
-    if dest is not out:
-        np.copyto(out, dest, casting="unsafe")

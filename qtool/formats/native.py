@@ -10,214 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qtool import __version__, packing
-from qtool.io import DTYPES, FLOAT_CODES, CheckpointError, SafetensorsFile
-from qtool.metrics import ErrorStats
-from qtool.quant import param_shape, rows_cols, stored_shape
-from qtool.schemes import QuantSpec, SpecError
-
-FORMAT_VERSION = 1
-MANIFEST = "qtool.json"
-MANIFEST_SIZE_LIMIT = 100_000_000  # bytes; as for safetensors headers and indexes
-
-
-class ArtifactError(CheckpointError):
-    """A qtool artifact that is missing, corrupt or inconsistent."""
-
-
-def is_plain_name(name: object) -> bool:
-    """A file name with no directory part, so that it cannot point outside the artifact."""
-    return (isinstance(name, str) and os.sep not in name and "\0" not in name
-            and not (os.altsep and os.altsep in name) and name not in ("", ".", ".."))
-
-
-def stem_of(shard_name: str) -> str:
-    return shard_name[: -len(".safetensors")] if shard_name.endswith(".safetensors") else shard_name
-
-
-def sidecar_names(shard_name: str) -> tuple[str, str]:
-    """(scale file, zero-point file) for a shard file name."""
-    stem = stem_of(shard_name)
-    return f"{stem}.scale.safetensors", f"{stem}.zero_point.safetensors"
-
-
-@dataclass
-class TensorRecord:
-    """What the manifest says about one tensor."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    spec: QuantSpec | None = None
-    passthrough: str | None = None
-    stats: ErrorStats | None = None
-    original_bytes: int = 0
-    stored_bytes: int = 0  # integers + scales + zero points, as stored (passthrough: original)
-
-    @property
-    def quantized(self) -> bool:
-        return self.spec is not None
-
-    @property
-    def quantized_dtype(self) -> str:
-        assert self.spec is not None
-        if self.spec.packed:
-            return "U8"
-        return "I8" if self.spec.signed else "U8"
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        assert self.spec is not None
-        return stored_shape(self.shape, self.spec)
-
-    @property
-    def param_shape(self) -> tuple[int, ...]:
-        assert self.spec is not None
-        return param_shape(self.shape, self.spec)
-
-    def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "file": self.file, "dtype": self.dtype,
-                             "shape": list(self.shape)}
-        if self.spec is None:
-            d["passthrough"] = self.passthrough
-        else:
-            d.update(self.spec.as_dict())
-            d["quantized_dtype"] = self.quantized_dtype
-            d["packed"] = self.spec.packed
-            d["stored_shape"] = list(self.stored_shape)
-            d["param_shape"] = list(self.param_shape)
-            st = self.stats
-            # Sums of squares of F64 weights beyond ~1e154 overflow to inf (quantize refuses
-            # such tensors, whose scale would not fit in float32, but this record must never
-            # be unreadable): JSON has no inf (json.dumps would write the non-standard
-            # Infinity) and readers refuse it, so such metrics are left out, as unrecorded.
-            if st is not None and all(math.isfinite(v) for v in (
-                    st.signal_sq, st.error_sq, st.cross, st.max_abs_error)):
-                d["metrics"] = st.to_dict()
-        d["bytes"] = {"original": self.original_bytes, "stored": self.stored_bytes}
-        return d
-
-    @classmethod
-    def from_json(cls, d: Any, where: str) -> TensorRecord:
-        try:
-            name, file, dtype, shape = d["name"], d["file"], d["dtype"], d["shape"]
-            # A manifest may be hostile: everything later code relies on is checked here, so
-            # that it fails as bad input rather than as a crash in the writer or the math.
-            if not all(isinstance(v, str) for v in (name, file, dtype)):
-                raise TypeError("name, file and dtype must be strings")
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r:.20}")
-            if not isinstance(shape, list) or not all(
-                    type(x) is int and x >= 0 for x in shape):
-                raise ValueError("shape is not a list of non-negative integers")
-            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape))
-            rec.original_bytes = int(d["bytes"]["original"])
-            rec.stored_bytes = int(d["bytes"]["stored"])
-            if "passthrough" in d:
-                rec.passthrough = str(d["passthrough"])
-                return rec
-            if dtype not in FLOAT_CODES:
-                raise ValueError(f"a quantized tensor must be a float dtype, not {dtype}")
-            spec_keys = ("scheme", "bits", "granularity", "group_size", "range", "percentile")
-            rec.spec = QuantSpec(**{k: d[k] for k in spec_keys if k in d})
-            if "metrics" in d:
-                rec.stats = ErrorStats.from_dict(d["metrics"])  # validates the values
-            return rec
-        except (KeyError, TypeError, ValueError, OverflowError, SpecError) as e:
-            raise ArtifactError(
-                f"{where}: malformed tensor entry {d!r:.80}: {str(e):.100}") from None
-
-
-@dataclass
-class Manifest:
-    source: dict[str, Any]
-    tensors: list[TensorRecord]
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    shards: list[str] = field(default_factory=list)  # main files, in order
-    index: str | None = None  # the index file name, for sharded artifacts
-    qtool_version: str = __version__
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        doc = {
-            "format": "qtool",
-            "format_version": self.format_version,
-            "qtool_version": self.qtool_version,
-            "source": self.source,
-            "shards": self.shards,
-            "index": self.index,
-            "files": self.files,
-            "tensors": [t.to_json() for t in self.tensors],
-        }
-        return json.dumps(doc, indent=1) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> Manifest:
-        try:
-            doc = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-            raise ArtifactError(f"{where}: not valid JSON ({msg})") from None
-        except RecursionError:
-            raise ArtifactError(f"{where}: not valid JSON (nested too deeply)") from None
-        if not isinstance(doc, dict) or doc.get("format") != "qtool":
-            raise ArtifactError(f"{where}: not a qtool manifest")
-        version = doc.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{where}: unknown format_version {version!r:.40}; "
-                f"this qtool ({__version__}) reads format_version {FORMAT_VERSION}"
-            )
-        try:
-            tensors = [TensorRecord.from_json(t, where) for t in doc["tensors"]]
-            m = cls(
-                source=dict(doc["source"]),
-                tensors=tensors,
-                files={str(k): dict(v) for k, v in doc["files"].items()},
-                shards=list(doc["shards"]),
-                index=doc.get("index"),
-                qtool_version=str(doc.get("qtool_version", "?")),
-            )
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ArtifactError(f"{where}: missing or malformed field {str(e):.100}") from None
-        m._check_consistent(where)
-        return m
-
-    def _check_consistent(self, where: str) -> None:
-        """What dequantize relies on: plain file names (nothing outside the artifact is ever
-        opened), unique names, known shards, one shard unless indexed."""
-        if not all(isinstance(s, str) for s in self.shards) or \
-                len(set(self.shards)) != len(self.shards):
-            raise ArtifactError(f"{where}: shards must be distinct file names")
-        if self.index is not None and not isinstance(self.index, str):
-            raise ArtifactError(f"{where}: index must be a file name or null")
-        for name in [*self.files, *self.shards, *([self.index] if self.index else [])]:
-            if not is_plain_name(name):
-                raise ArtifactError(f"{where}: file name {name!r:.80} is not a plain name")
-        if self.index is None and len(self.shards) != 1:
-            raise ArtifactError(
-                f"{where}: {len(self.shards)} shards but no index (a single-file artifact "
-                "has exactly one)"
-            )
-        seen: set[str] = set()
-        for t in self.tensors:
-            if t.name in seen:
-                raise ArtifactError(f"{where}: tensor {t.name!r:.80} is listed twice")
-            seen.add(t.name)
-            if t.file not in self.shards:
-                raise ArtifactError(
-                    f"{where}: tensor {t.name!r:.80} is in {t.file!r:.80}, which is not one of "
-                    "the shards"
-                )
+from qtool.core import packing
+from qtool.core.shapes import rows_cols
+from qtool.formats._common import CheckpointError
+from qtool.formats.manifest import (
+    MANIFEST,
+    MANIFEST_SIZE_LIMIT,
+    ArtifactError,
+    Manifest,
+    TensorRecord,
+    is_plain_name,
+    sidecar_names,
+)
+from qtool.formats.safetensors import SafetensorsFile
 
 
 @dataclass

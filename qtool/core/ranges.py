@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qtool.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
+from qtool.core.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
 
 # Clip ratios for the mse search, largest first: 1.00, 0.99, ..., 0.20 (81 points), then 19
 # geometric steps from 0.2 down to 0.02. Why this shape (measured on 256x1024 normal and

@@ -1,0 +1,217 @@
+"""What every format module shares: the input error type, the safetensors dtype table and
+strict JSON parsing helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+HEADER_SIZE_LIMIT = 100_000_000
+"""Largest accepted JSON header, in bytes (same cap as the reference implementation)."""
+
+INDEX_SIZE_LIMIT = 100_000_000
+"""Largest accepted ``*.safetensors.index.json`` file, in bytes."""
+
+PAGE = 4096
+_ALIGN_MIN_BYTES = PAGE  # below this, page-congruent buffers are not worth the extra page
+_INDEX_SUFFIX = ".safetensors.index.json"
+_ABSURD_BYTES = 1 << 64  # tensor sizes beyond this are reported without computing them exactly
+_INTP_LIMIT = 1 << 63  # numpy's bound on (product of the non-zero dimensions) x item size
+MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+"""Most dimensions a tensor may have: what numpy can represent (no checkpoint comes close)."""
+
+
+class CheckpointError(Exception):
+    """Bad input. ``str(e)`` is one line naming the file (and tensor where there is one) and
+    what is wrong."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes
+
+
+def _build_dtypes() -> dict[str, np.dtype]:
+    table: dict[str, Any] = {
+        "F64": "<f8",
+        "F32": "<f4",
+        "F16": "<f2",
+        "BF16": ml_dtypes.bfloat16,
+        "I64": "<i8",
+        "I32": "<i4",
+        "I16": "<i2",
+        "I8": "i1",
+        "U64": "<u8",
+        "U32": "<u4",
+        "U16": "<u2",
+        "U8": "u1",
+        "BOOL": "?",
+    }
+    for code, attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+        if hasattr(ml_dtypes, attr):
+            table[code] = getattr(ml_dtypes, attr)
+    out: dict[str, np.dtype] = {}
+    for code, spec in table.items():
+        dt = np.dtype(spec)
+        out[code] = dt.newbyteorder("<") if dt.itemsize > 1 else dt
+    return out
+
+
+DTYPES: dict[str, np.dtype] = _build_dtypes()
+"""safetensors dtype code -> numpy dtype (little-endian)."""
+
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def dtype_code(dt: np.dtype | type | str) -> str:
+    """The safetensors code of a numpy dtype (inverse of :data:`DTYPES`).
+
+    Raises ``ValueError`` for dtypes safetensors cannot hold (including big-endian ones).
+    """
+    d = np.dtype(dt)
+    for code, known in DTYPES.items():
+        if d == known:
+            return code
+    raise ValueError(f"dtype {d} has no safetensors code")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """A one-line, length-capped repr for putting untrusted values into messages."""
+    text = repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _fmt_ints(values: list[int] | tuple[int, ...], limit: int = 80) -> str:
+    text = "[" + ", ".join(str(v) for v in values) + "]"
+    if len(text) > limit:
+        text = text[: limit - 4] + "...]"
+    return text
+
+
+def _is_nonneg_int(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+class _Obj(list):
+    """A JSON object as its raw list of (key, value) pairs, so duplicates stay visible."""
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> _Obj:
+    return _Obj(pairs)
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads keeping objects as :class:`_Obj` pair lists. Raises ValueError."""
+    try:
+        return json.loads(text, object_pairs_hook=_pairs_hook)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _dup_key(pairs: _Obj) -> str | None:
+    seen: set[Any] = set()
+    for key, _ in pairs:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Convert parsed JSON (with :class:`_Obj` objects) into ordinary dicts and lists."""
+    if isinstance(value, _Obj):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _open_regular(path: Path) -> int:
+    """Open a regular file read-only; never blocks on FIFOs, rejects non-regular files."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path, what: str) -> None:
+    """Fill ``buf`` from ``offset``; a short file raises CheckpointError."""
+    done = 0
+    total = buf.nbytes
+    while done < total:
+        try:
+            got = os.preadv(fd, [buf[done:]], offset + done)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: {what}: read failed: {exc.strerror or exc}") from None
+        if got == 0:
+            raise CheckpointError(
+                f"{path}: {what}: file ended at byte {offset + done}, "
+                f"expected {total - done} more bytes (truncated while open?)"
+            )
+        done += got
+
+
+def aligned_buffer(nbytes: int, offset: int = 0) -> np.ndarray:
+    """A fresh writable 1-D uint8 array of ``nbytes`` whose address is congruent to
+    ``offset`` modulo 4096 (page-cache copies into such buffers are much faster)."""
+    raw = np.empty(nbytes + PAGE, dtype=np.uint8)
+    shift = (offset - raw.ctypes.data) % PAGE
+    return raw[shift : shift + nbytes]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. ``offset`` is the absolute byte offset of its data in ``path``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    path: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, _Obj):
+        return "object"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"

@@ -1,0 +1,403 @@
+"""The validating safetensors reader.
+
+The safetensors format is parsed here directly (not through the ``safetensors`` package) so
+that hostile or broken inputs are rejected with a precise one-line message, and tensors can be
+read one at a time with ``os.preadv`` into page-congruent buffers or viewed through a memory
+map.
+
+Layout of a safetensors file::
+
+    u64 little-endian N | N bytes of UTF-8 JSON header | data area
+
+The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` with
+offsets relative to the start of the data area (byte ``8 + N``); the optional
+``"__metadata__"`` entry is a ``str -> str`` object.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from qtool.formats._common import (
+    _ABSURD_BYTES,
+    _ALIGN_MIN_BYTES,
+    _INTP_LIMIT,
+    DTYPES,
+    HEADER_SIZE_LIMIT,
+    MAX_DIMS,
+    CheckpointError,
+    TensorInfo,
+    _dup_key,
+    _fmt_ints,
+    _is_nonneg_int,
+    _json_kind,
+    _Obj,
+    _open_regular,
+    _parse_json,
+    _pread_exact,
+    _short,
+    aligned_buffer,
+)
+
+# --------------------------------------------------------------------------------------------
+# reader
+
+
+
+
+class SafetensorsFile:
+    """A validated, read-only view of one safetensors file.
+
+    Opening parses and validates the whole header (see the module docstring); tensor data is
+    only read on :meth:`read` / :meth:`read_into`. The file is never modified. Reads use
+    ``pread`` and are safe to issue from several threads.
+    """
+
+    path: Path
+    size: int
+    header_bytes: bytes
+    metadata: dict[str, str] | None
+    tensors: list[TensorInfo]
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._label = str(path)
+        self._fd = -1
+        fd = _open_regular(self.path)
+        try:
+            self.size = os.fstat(fd).st_size
+            self._fd = fd
+            self._parse()
+        except BaseException:
+            self._fd = -1
+            os.close(fd)
+            raise
+        self._by_name = {t.name: t for t in self.tensors}
+
+    # -- header parsing ------------------------------------------------------------------
+
+    def _fail(self, msg: str, tensor: object = None) -> CheckpointError:
+        if tensor is None:
+            return CheckpointError(f"{self._label}: {msg}")
+        return CheckpointError(f"{self._label}: tensor {_short(tensor)}: {msg}")
+
+    def _parse(self) -> None:
+        if self.size < 8:
+            raise self._fail(f"file is {self.size} bytes, too short for the 8-byte header length")
+        prefix = bytearray(8)
+        _pread_exact(self._fd, memoryview(prefix), 0, self.path, "header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > HEADER_SIZE_LIMIT:
+            raise self._fail(f"header length {n} exceeds the {HEADER_SIZE_LIMIT}-byte limit")
+        if n > self.size - 8:
+            raise self._fail(
+                f"header length {n} runs beyond the end of the file ({self.size} bytes)"
+            )
+        raw = bytearray(8 + n)
+        raw[:8] = prefix
+        _pread_exact(self._fd, memoryview(raw)[8:], 8, self.path, "header")
+        self.header_bytes = bytes(raw)
+        try:
+            text = self.header_bytes[8:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._fail(f"header is not valid UTF-8 (byte {8 + exc.start})") from None
+        try:
+            doc = _parse_json(text)
+        except ValueError as exc:
+            raise self._fail(f"header is not valid JSON: {_short(str(exc), 100)}") from None
+        if not isinstance(doc, _Obj):
+            raise self._fail(f"header JSON is a {_json_kind(doc)}, not an object")
+
+        data_start = 8 + n
+        data_len = self.size - data_start
+        seen: set[str] = set()
+        metadata: dict[str, str] | None = None
+        entries: list[tuple[int, int, TensorInfo]] = []
+        for name, entry in doc:
+            if not isinstance(name, str):  # cannot happen with valid JSON; be defensive
+                raise self._fail(f"tensor name {_short(name)} is not a string")
+            if name in seen:
+                if name == "__metadata__":
+                    raise self._fail("duplicate '__metadata__' entry")
+                raise self._fail("duplicate tensor name", name)
+            seen.add(name)
+            if name == "__metadata__":
+                metadata = self._parse_metadata(entry)
+                continue
+            entries.append(self._parse_entry(name, entry, data_start, data_len))
+
+        # The tensors, sorted by offsets, must tile [0, data_len) exactly.
+        entries.sort(key=lambda e: (e[0], e[1]))
+        pos = 0
+        prev: TensorInfo | None = None
+        for begin, end, info in entries:
+            if begin < pos:
+                assert prev is not None
+                raise self._fail(
+                    f"data_offsets {_fmt_ints([begin, end])} overlap tensor "
+                    f"{_short(prev.name)} which ends at {pos}",
+                    info.name,
+                )
+            if begin > pos:
+                raise self._fail(
+                    f"data_offsets {_fmt_ints([begin, end])} leave a gap: bytes "
+                    f"[{pos}, {begin}) of the data area belong to no tensor",
+                    info.name,
+                )
+            pos = end
+            prev = info
+        if pos != data_len:
+            raise self._fail(
+                f"{data_len - pos} trailing bytes after the last tensor "
+                f"(data area is {data_len} bytes, tensors cover {pos})"
+            )
+        self.metadata = metadata
+        self.tensors = [e[2] for e in entries]
+
+    def _parse_metadata(self, entry: Any) -> dict[str, str]:
+        if not isinstance(entry, _Obj):
+            raise self._fail(f"__metadata__ is a {_json_kind(entry)}, not an object")
+        out: dict[str, str] = {}
+        for key, value in entry:
+            if key in out:
+                raise self._fail(f"__metadata__ has duplicate key {_short(key)}")
+            if not isinstance(value, str):
+                raise self._fail(
+                    f"__metadata__[{_short(key)}] is a {_json_kind(value)}, not a string"
+                )
+            out[key] = value
+        return out
+
+    def _parse_entry(
+        self, name: str, entry: Any, data_start: int, data_len: int
+    ) -> tuple[int, int, TensorInfo]:
+        if not isinstance(entry, _Obj):
+            raise self._fail(f"entry is a {_json_kind(entry)}, not an object", name)
+        dup = _dup_key(entry)
+        if dup is not None:
+            raise self._fail(f"entry has duplicate key {_short(dup)}", name)
+        fields = dict(entry)
+
+        if "dtype" not in fields:
+            raise self._fail("missing dtype", name)
+        code = fields["dtype"]
+        if not isinstance(code, str) or code not in DTYPES:
+            raise self._fail(f"unknown dtype {_short(code)}", name)
+
+        if "shape" not in fields:
+            raise self._fail("missing shape", name)
+        shape = fields["shape"]
+        if not isinstance(shape, list) or not all(_is_nonneg_int(d) for d in shape):
+            raise self._fail(f"shape {_short(shape)} is not a list of non-negative integers", name)
+        if len(shape) > MAX_DIMS:
+            raise self._fail(f"shape has {len(shape)} dimensions, more than {MAX_DIMS}", name)
+
+        if "data_offsets" not in fields:
+            raise self._fail("missing data_offsets", name)
+        offs = fields["data_offsets"]
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_nonneg_int(o) for o in offs):
+            raise self._fail(
+                f"data_offsets {_short(offs)} is not a pair of non-negative integers", name
+            )
+        begin, end = offs
+        if begin > end:
+            raise self._fail(f"data_offsets {_fmt_ints(offs)} end before they begin", name)
+        if end > data_len:
+            raise self._fail(
+                f"data_offsets {_fmt_ints(offs)} extend beyond the data area ({data_len} bytes)",
+                name,
+            )
+
+        # prod(shape) * itemsize in Python ints; stop once it is absurd (hostile shapes).
+        itemsize = DTYPES[code].itemsize
+        needed = 0
+        too_big = False
+        if 0 not in shape:
+            needed = itemsize
+            for d in shape:
+                needed *= d
+                if needed > _ABSURD_BYTES:
+                    too_big = True
+                    break
+        else:
+            # An empty tensor holds no bytes, but numpy still needs the product of its other
+            # dimensions (times the item size) to fit in an intp to represent it at all.
+            span = itemsize
+            for d in shape:
+                span *= d or 1
+                if span >= _INTP_LIMIT:
+                    raise self._fail(
+                        f"shape {_fmt_ints(shape)} of {code} is too large to represent "
+                        "(even though it is empty)", name)
+        have = end - begin
+        if too_big or needed != have:
+            need_text = f"more than {_ABSURD_BYTES}" if too_big else str(needed)
+            raise self._fail(
+                f"data_offsets {_fmt_ints(offs)} hold {have} bytes but shape "
+                f"{_fmt_ints(shape)} of {code} needs {need_text}",
+                name,
+            )
+        info = TensorInfo(
+            name=name,
+            dtype=code,
+            shape=tuple(shape),
+            offset=data_start + begin,
+            nbytes=have,
+            path=self.path,
+        )
+        return begin, end, info
+
+    # -- access --------------------------------------------------------------------------
+
+    @property
+    def data_start(self) -> int:
+        """Absolute offset of the data area (``8 + N``)."""
+        return len(self.header_bytes)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{self._label}: no tensor {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors)
+
+    def keys(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def _resolve(self, info: TensorInfo | str) -> TensorInfo:
+        if self._fd < 0:
+            raise ValueError(f"{self._label}: file is closed")
+        if isinstance(info, str):
+            return self[info]
+        mine = self._by_name.get(info.name)
+        if mine is None or (mine.dtype, mine.shape, mine.offset, mine.nbytes) != (
+            info.dtype,
+            info.shape,
+            info.offset,
+            info.nbytes,
+        ):
+            raise ValueError(f"{self._label}: tensor {info.name!r} is not from this file")
+        return mine
+
+    def read(self, info: TensorInfo | str) -> np.ndarray:
+        """The tensor as a fresh, writable array of its dtype and shape.
+
+        Data is read with ``preadv`` into a buffer whose address is congruent to the file
+        offset modulo 4096 (unless that would leave the array misaligned for its dtype).
+        """
+        t = self._resolve(info)
+        dt = DTYPES[t.dtype]
+        if t.nbytes == 0:
+            return np.empty(t.shape, dtype=dt)
+        if t.nbytes >= _ALIGN_MIN_BYTES and t.offset % dt.itemsize == 0:
+            buf = aligned_buffer(t.nbytes, t.offset)
+        else:
+            buf = np.empty(t.nbytes, dtype=np.uint8)
+        _pread_exact(self._fd, memoryview(buf), t.offset, self.path, f"tensor {t.name!r}")
+        return buf.view(dt).reshape(t.shape)
+
+    def read_into(self, info: TensorInfo | str, out: np.ndarray) -> np.ndarray:
+        """Read the tensor into the caller's C-contiguous uint8 buffer of at least ``nbytes``
+        (see :func:`aligned_buffer`); returns a view of it with the tensor's dtype/shape."""
+        t = self._resolve(info)
+        if not isinstance(out, np.ndarray) or out.dtype != np.uint8:
+            raise ValueError("read_into needs a numpy uint8 buffer")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("read_into needs a C-contiguous, writable buffer")
+        flat = out.reshape(-1)
+        if flat.size < t.nbytes:
+            raise ValueError(
+                f"buffer of {flat.size} bytes is too small for tensor {t.name!r} ({t.nbytes} bytes)"
+            )
+        region = flat[: t.nbytes]
+        if t.nbytes:
+            _pread_exact(self._fd, memoryview(region), t.offset, self.path, f"tensor {t.name!r}")
+        return region.view(DTYPES[t.dtype]).reshape(t.shape)
+
+    def view(self, info: TensorInfo | str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Elements [start, stop) of the tensor, flat, as a read-only array over a memory map of
+        just those bytes: no copy, and the pages leave the resident set when the array (and
+        every view of it) is dropped. Use it for data read once, in runs, to bound memory.
+
+        A file truncated by someone else while a view is in use makes the process fail with
+        SIGBUS; the size is checked when the view is made, which catches the usual cases.
+        """
+        t = self._resolve(info)
+        dt = DTYPES[t.dtype]
+        count = t.numel if t.nbytes else 0
+        stop = count if stop is None else stop
+        if not 0 <= start <= stop <= count:
+            raise ValueError(
+                f"{self._label}: tensor {t.name!r}: bad element range [{start}, {stop})"
+            )
+        nbytes = (stop - start) * dt.itemsize
+        if nbytes == 0:
+            return np.empty(0, dtype=dt)
+        offset = t.offset + start * dt.itemsize
+        size = os.fstat(self._fd).st_size
+        if offset + nbytes > size:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r}: file is now {size} bytes, the tensor ends at "
+                f"byte {offset + nbytes} (truncated while open?)"
+            )
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            mm = mmap.mmap(self._fd, offset + nbytes - base, offset=base, access=mmap.ACCESS_READ)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name!r}: cannot map: {exc.strerror or exc}"
+            ) from None
+        if hasattr(mm, "madvise"):
+            # Read-ahead of the whole run now, in the background, while its start is computed.
+            mm.madvise(mmap.MADV_WILLNEED)
+        # The array keeps the map alive; it is unmapped when the last view of it goes.
+        return np.frombuffer(mm, dtype=dt, count=stop - start, offset=offset - base)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({self._label!r}, {len(self.tensors)} tensors)"
+
+
+
+

@@ -1,0 +1,212 @@
+"""Input checkpoints: one safetensors file, a Hugging Face sharded index
+(``*.safetensors.index.json``), or a directory holding one of those."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from qtool.formats._common import (
+    _INDEX_SUFFIX,
+    INDEX_SIZE_LIMIT,
+    CheckpointError,
+    TensorInfo,
+    _dup_key,
+    _json_kind,
+    _Obj,
+    _open_regular,
+    _parse_json,
+    _plain,
+    _pread_exact,
+    _short,
+)
+from qtool.formats.safetensors import SafetensorsFile
+
+# --------------------------------------------------------------------------------------------
+# (sharded) checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A whole, possibly sharded, input checkpoint (validated by :func:`open_checkpoint`)."""
+
+    root: Path
+    index_path: Path | None
+    index_metadata: dict | None
+    shards: list[Path]
+    _tensors: tuple[TensorInfo, ...] | None = field(default=None, repr=False, compare=False)
+
+    def tensors(self) -> list[TensorInfo]:
+        """All tensors, shard by shard, each shard in data-offset order."""
+        if self._tensors is None:
+            found: list[TensorInfo] = []
+            for shard in self.shards:
+                with SafetensorsFile(shard) as f:
+                    found.extend(f.tensors)
+            object.__setattr__(self, "_tensors", tuple(found))
+        assert self._tensors is not None
+        return list(self._tensors)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.index_path is not None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Resolve and validate a checkpoint: a ``*.safetensors`` file, a
+    ``*.safetensors.index.json`` (Hugging Face sharded layout), or a directory holding exactly
+    one of those (an index is preferred). Raises :class:`CheckpointError`."""
+    p = Path(path)
+    if p.is_dir():
+        indexes = sorted(c for c in p.iterdir() if c.name.endswith(_INDEX_SUFFIX))
+        if len(indexes) > 1:
+            names = ", ".join(c.name for c in indexes)
+            raise CheckpointError(f"{path}: several index files ({names}); pass one of them")
+        if indexes:
+            return _open_index(indexes[0])
+        files = sorted(c for c in p.iterdir() if c.name.endswith(".safetensors") and not c.is_dir())
+        if not files:
+            raise CheckpointError(f"{path}: directory holds no .safetensors file or index")
+        if len(files) > 1:
+            raise CheckpointError(
+                f"{path}: directory holds {len(files)} .safetensors files and no "
+                f"{_INDEX_SUFFIX}; pass a file or add an index"
+            )
+        return _open_single(files[0])
+    if not p.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if p.name.endswith(".json"):
+        return _open_index(p)
+    return _open_single(p)
+
+
+def _open_single(p: Path) -> Checkpoint:
+    with SafetensorsFile(p) as f:
+        infos = tuple(f.tensors)
+    return Checkpoint(
+        root=p.parent, index_path=None, index_metadata=None, shards=[p], _tensors=infos
+    )
+
+
+def _read_index(p: Path) -> bytes:
+    fd = _open_regular(p)
+    try:
+        size = os.fstat(fd).st_size
+        if size > INDEX_SIZE_LIMIT:
+            raise CheckpointError(
+                f"{p}: index is {size} bytes, over the {INDEX_SIZE_LIMIT}-byte limit"
+            )
+        buf = bytearray(size)
+        _pread_exact(fd, memoryview(buf), 0, p, "index")
+        return bytes(buf)
+    finally:
+        os.close(fd)
+
+
+def _open_index(p: Path) -> Checkpoint:
+    label = str(p)
+    raw = _read_index(p)
+    try:
+        doc = _parse_json(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{label}: index is not valid UTF-8") from None
+    except ValueError as exc:
+        raise CheckpointError(
+            f"{label}: index is not valid JSON: {_short(str(exc), 100)}"
+        ) from None
+    if not isinstance(doc, _Obj):
+        raise CheckpointError(f"{label}: index JSON is a {_json_kind(doc)}, not an object")
+    dup = _dup_key(doc)
+    if dup is not None:
+        raise CheckpointError(f"{label}: index has duplicate key {_short(dup)}")
+    top = dict(doc)
+
+    meta = top.get("metadata")
+    if meta is not None and not isinstance(meta, _Obj):
+        raise CheckpointError(f"{label}: index metadata is a {_json_kind(meta)}, not an object")
+    try:
+        index_metadata = _plain(meta) if meta is not None else None
+    except RecursionError:
+        raise CheckpointError(f"{label}: index metadata is nested too deeply") from None
+
+    if "weight_map" not in top:
+        raise CheckpointError(f"{label}: index has no weight_map")
+    wm = top["weight_map"]
+    if not isinstance(wm, _Obj):
+        raise CheckpointError(f"{label}: weight_map is a {_json_kind(wm)}, not an object")
+    if not wm:
+        raise CheckpointError(f"{label}: weight_map is empty")
+
+    root = p.parent
+    real_root = root.resolve()
+    canonical: dict[str, Path] = {}  # shard name as written -> path used for the shard
+    by_real: dict[Path, Path] = {}  # resolved file -> path used for the shard
+    placed: dict[str, Path] = {}  # tensor -> shard path
+    shards: list[Path] = []
+    for tensor, shard_name in wm:
+        if tensor in placed:
+            raise CheckpointError(f"{label}: weight_map lists tensor {_short(tensor)} twice")
+        if not isinstance(shard_name, str):
+            raise CheckpointError(
+                f"{label}: tensor {_short(tensor)}: weight_map value is a "
+                f"{_json_kind(shard_name)}, not a shard file name"
+            )
+        if shard_name not in canonical:
+            shard = _check_shard_name(label, tensor, shard_name, root, real_root)
+            real = shard.resolve()
+            if real not in by_real:
+                by_real[real] = shard
+                shards.append(shard)
+            canonical[shard_name] = by_real[real]
+        placed[tensor] = canonical[shard_name]
+
+    infos: list[TensorInfo] = []
+    for shard in shards:
+        with SafetensorsFile(shard) as f:
+            for t in f.tensors:
+                where = placed.get(t.name)
+                if where is None:
+                    raise CheckpointError(
+                        f"{shard}: tensor {_short(t.name)} is not listed in index {p.name}"
+                    )
+                if where != shard:
+                    raise CheckpointError(
+                        f"{label}: tensor {_short(t.name)}: index places it in {where.name} "
+                        f"but it is in {shard.name}"
+                    )
+            for tensor, where in placed.items():
+                if where == shard and tensor not in f:
+                    raise CheckpointError(
+                        f"{label}: tensor {_short(tensor)}: index places it in {shard.name}, "
+                        f"which does not contain it"
+                    )
+            infos.extend(f.tensors)
+    return Checkpoint(
+        root=root, index_path=p, index_metadata=index_metadata, shards=shards, _tensors=tuple(infos)
+    )
+
+
+def _check_shard_name(label: str, tensor: str, name: str, root: Path, real_root: Path) -> Path:
+    where = f"{label}: tensor {_short(tensor)}: shard {_short(name)}"
+    if not name or "\x00" in name:
+        raise CheckpointError(f"{where} is not a valid file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or name.startswith("\\") or (len(name) > 1 and name[1] == ":"):
+        raise CheckpointError(f"{where} is an absolute path")
+    if ".." in pure.parts or ".." in name.split("\\"):
+        raise CheckpointError(f"{where} contains '..'")
+    shard = root / name
+    try:
+        real = shard.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{where} cannot be resolved: {exc}") from None
+    if not real.is_relative_to(real_root):
+        raise CheckpointError(f"{where} resolves outside {root} (to {real})")
+    if not shard.exists():
+        raise CheckpointError(f"{where} is missing")
+    if not shard.is_file():
+        raise CheckpointError(f"{where} is not a regular file")
+    return shard
+
+

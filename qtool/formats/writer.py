@@ -1,0 +1,330 @@
+"""The streaming safetensors writer: the header is known up front, tensors are written in
+order (whole or in pieces), optionally from a background thread that writes and hashes while
+the caller computes the next piece."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import queue
+import secrets
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from qtool.formats._common import DTYPES
+
+# --------------------------------------------------------------------------------------------
+# writer
+
+
+class SafetensorsWriter:
+    """Streaming safetensors writer.
+
+    The full header is computed from ``entries`` (``(name, dtype code, shape)`` in write
+    order) and written up front; tensors are then written one by one, in that order, with
+    :meth:`write`, or in consecutive pieces with :meth:`write_chunk`. The sha256 of the file
+    is computed as bytes go out (``digest=False`` skips it).
+
+    With ``background=True`` a thread of the writer's own writes and hashes the data while the
+    caller computes the next piece (both release the GIL): ``write``/``write_chunk`` only
+    queue the data, keep a reference to it until it is written, then call the piece's
+    ``release`` callback (e.g. to recycle the buffer). The caller must not modify queued data.
+    At most ``queue_depth`` pieces wait, which bounds the memory they hold. An error of the
+    thread (a full disk) is raised by the next write, or by :meth:`close`.
+
+    Data goes to a temporary file next to ``path`` which is renamed over ``path`` only by a
+    successful :meth:`close`; an exception inside a ``with`` block (or :meth:`abort`) removes
+    it, so a partial file never appears under ``path``.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        *,
+        digest: bool = True,
+        background: bool = False,
+        queue_depth: int = 3,
+    ) -> None:
+        self.path = Path(path)
+        self._digest = digest
+        self._partial = 0  # bytes of the current entry written by write_chunk so far
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] | None = None
+        self._error: BaseException | None = None
+        self._stop = False
+        self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
+        header: dict[str, Any] = {}
+        if metadata is not None:
+            if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+            ):
+                raise ValueError("metadata must be a dict of str -> str")
+            header["__metadata__"] = dict(metadata)
+        pos = 0
+        for entry in entries:
+            name, code, shape = entry
+            if not isinstance(name, str) or name == "__metadata__":
+                raise ValueError(f"invalid tensor name {name!r}")
+            if name in header:
+                raise ValueError(f"duplicate tensor name {name!r}")
+            if code not in DTYPES:
+                raise ValueError(f"tensor {name!r}: unknown dtype code {code!r}")
+            dims = tuple(int(d) for d in shape)
+            if any(d < 0 for d in dims):
+                raise ValueError(f"tensor {name!r}: negative dimension in shape {dims}")
+            nbytes = math.prod(dims) * DTYPES[code].itemsize
+            header[name] = {"dtype": code, "shape": list(dims), "data_offsets": [pos, pos + nbytes]}
+            self._entries.append((name, code, dims, nbytes))
+            pos += nbytes
+        try:
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+            blob = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"header is not encodable as UTF-8: {exc}") from None
+        blob += b" " * (-len(blob) % 8)
+        self.header_bytes = struct.pack("<Q", len(blob)) + blob
+        self._size = len(self.header_bytes) + pos
+        self._next = 0
+        self._hash = hashlib.sha256() if digest else None
+        self._sha256: str | None = None
+        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        self._file = open(self._tmp, "xb")  # closed in close() / abort()
+        try:
+            self._reserve()
+            if background:
+                self._queue = queue.Queue(maxsize=max(1, queue_depth))
+                self._thread = threading.Thread(
+                    target=self._drain, name=f"write {self.path.name}", daemon=True
+                )
+                self._thread.start()
+            self._emit(memoryview(self.header_bytes), None)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve(self) -> None:
+        """Allocate the file's blocks up front, its size being known: buffered writes into
+        allocated blocks ran faster and steadier (ext4, 1 GB: 0.27-0.28 s, against 0.36-1.4 s
+        when each write allocates), and a full disk is reported before any work is done.
+        Where the file system cannot preallocate, the writes allocate as they go."""
+        if self._size < 1 << 20 or not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, self._size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise
+        # A file system without fallocate reports EOPNOTSUPP (or EINVAL): nothing lost.
+
+    @property
+    def size(self) -> int:
+        """Total size of the file in bytes (known up front)."""
+        return self._size
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the whole file; available after :meth:`close` (with digest=True)."""
+        if self._sha256 is None:
+            raise ValueError(f"{self.path}: sha256 is only available after close()")
+        return self._sha256
+
+    @property
+    def pending(self) -> list[str]:
+        """Names of the entries not written yet, in order."""
+        return [e[0] for e in self._entries[self._next :]]
+
+    def _put(self, mv: memoryview) -> None:
+        assert self._file is not None
+        if self._hash is not None:
+            self._hash.update(mv)
+        self._file.write(mv)
+
+    def _emit(self, mv: memoryview, release: Callable[[], object] | None) -> None:
+        if self._queue is None:
+            try:
+                self._put(mv)
+            finally:
+                if release is not None:
+                    release()
+            return
+        self._raise_thread_error()
+        self._queue.put((mv, release))
+
+    def _drain(self) -> None:
+        """The background thread: write and hash queued pieces in order until told to stop.
+        After an error (or an abort) it keeps taking pieces, only to release them, so that a
+        producer waiting for a free buffer is never stranded."""
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            mv, release = item
+            try:
+                if self._error is None and not self._stop:
+                    self._put(mv)
+            except BaseException as exc:  # reported to the producer by the next call
+                self._error = exc
+            finally:
+                del mv, item
+                if release is not None:
+                    release()
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _join(self) -> None:
+        thread, self._thread = self._thread, None
+        # An interrupt (Ctrl-C) can land inside Thread.start(): a thread that never started
+        # cannot be joined, and must not turn the KeyboardInterrupt into a RuntimeError.
+        if thread is not None and thread.ident is not None:
+            assert self._queue is not None
+            self._queue.put(None)
+            thread.join()
+
+    def _check_next(self, name: str) -> tuple[str, tuple[int, ...], int]:
+        if self._file is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        if self._next >= len(self._entries):
+            raise ValueError(f"{self.path}: tensor {name!r}: all entries are already written")
+        exp_name, code, shape, nbytes = self._entries[self._next]
+        if name != exp_name:
+            raise ValueError(
+                f"{self.path}: tensor {name!r} written out of order; expected {exp_name!r}"
+            )
+        return code, shape, nbytes
+
+    def write(
+        self, name: str, data: np.ndarray | np.generic | bytes | bytearray | memoryview
+    ) -> None:
+        """Write the next tensor. ``data`` is an array (of the entry's dtype, or raw uint8
+        bytes) or a bytes-like object; its byte length must match the entry's."""
+        code, shape, nbytes = self._check_next(name)
+        if self._partial:
+            raise ValueError(f"{self.path}: tensor {name!r} is being written in chunks")
+        if isinstance(data, np.ndarray | np.generic):
+            arr = np.asarray(data)
+            if arr.dtype != np.uint8 and arr.dtype != DTYPES[code]:
+                swapped = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else None
+                if swapped is not None and swapped == DTYPES[code]:
+                    arr = arr.astype(swapped)
+                else:
+                    raise ValueError(
+                        f"{self.path}: tensor {name!r}: array dtype {arr.dtype} does not "
+                        f"match {code} (pass uint8 for raw bytes)"
+                    )
+            arr = np.ascontiguousarray(arr)
+            mv = memoryview(arr.reshape(-1).view(np.uint8))
+        else:
+            mv = memoryview(data)
+            if not mv.c_contiguous:
+                mv = memoryview(mv.tobytes())
+            mv = mv.cast("B")
+        if mv.nbytes != nbytes:
+            raise ValueError(
+                f"{self.path}: tensor {name!r}: got {mv.nbytes} bytes, expected {nbytes} "
+                f"(shape {list(shape)} of {code})"
+            )
+        self._emit(mv, None)
+        self._next += 1
+
+    def write_chunk(
+        self, name: str, data: np.ndarray, release: Callable[[], object] | None = None
+    ) -> None:
+        """Write the next bytes of tensor ``name``: a C-contiguous array whose bytes continue
+        the tensor's data. The entry is complete once all its bytes have been given, and the
+        next call starts the next entry. ``release`` is called once the bytes are written
+        (at once without a background thread)."""
+        code, shape, nbytes = self._check_next(name)
+        arr = np.asarray(data)
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{self.path}: tensor {name!r}: chunks must be C-contiguous")
+        mv = memoryview(arr.reshape(-1).view(np.uint8))
+        if self._partial + mv.nbytes > nbytes:
+            raise ValueError(
+                f"{self.path}: tensor {name!r}: chunks add up to more than its {nbytes} bytes "
+                f"(shape {list(shape)} of {code})"
+            )
+        self._emit(mv, release)
+        self._partial += mv.nbytes
+        if self._partial == nbytes:
+            self._partial = 0
+            self._next += 1
+
+    def close(self) -> None:
+        """Finish: check every entry was written, flush, and move the file into place."""
+        if self._file is None:
+            return
+        if self._next != len(self._entries):
+            missing = self.pending
+            self.abort()
+            raise ValueError(
+                f"{self.path}: closed with {len(missing)} tensor(s) not written, "
+                f"first {missing[0]!r}"
+            )
+        try:
+            self._join()
+            self._raise_thread_error()
+        except BaseException:
+            self.abort()
+            raise
+        f, self._file = self._file, None
+        try:
+            f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            _unlink_quietly(self._tmp)
+            raise
+        if self._hash is not None:
+            self._sha256 = self._hash.hexdigest()
+
+    def abort(self) -> None:
+        """Discard the output (removes the temporary file); idempotent."""
+        self._stop = True  # the background thread skips what is still queued
+        self._join()
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            finally:
+                _unlink_quietly(self._tmp)
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_file", None) is not None:
+                self.abort()
+        except Exception:
+            pass
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass

@@ -1,0 +1,144 @@
+"""Restore a float checkpoint from an artifact, tensor by tensor, in bounded memory."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from qtool.core.blocks import Mapper
+from qtool.core.quant import dequantize_rows
+from qtool.core.schemes import SpecError
+from qtool.core.shapes import compute_dtype, rows_cols
+from qtool.formats._common import DTYPES, FLOAT_CODES
+from qtool.formats.manifest import TensorRecord, sidecar_names
+from qtool.formats.native import Artifact
+from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.writer import SafetensorsWriter
+from qtool.pipeline import streams
+from qtool.pipeline.plan import TensorResult
+from qtool.pipeline.staging import OutputError, _check_output_dir, _Staging
+from qtool.pipeline.streams import _Buffers, _check_cast, _copy_tensor, _jobs
+
+# --------------------------------------------------------------------------- dequantize
+
+OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def dequantize_artifact(
+    art_dir: str | Path, out: str | Path, dtype: str = "original", jobs: int = 0,
+    verify: bool = False, force: bool = False,
+) -> Iterator[TensorResult]:
+    """Restore a float checkpoint from an artifact. For a sharded artifact ``out`` is a
+    directory that receives the shards and the index under their original names. ``verify``
+    checks every file's size and sha256 against the manifest first."""
+    art = Artifact.open(art_dir)
+    if verify:
+        art.verify_files()
+    out = Path(out)
+    if dtype != "original" and dtype not in OUT_DTYPES:
+        raise SpecError(f"unknown --dtype {dtype!r}; choose original, {', '.join(OUT_DTYPES)}")
+    if out.resolve() == art.root.resolve() or art.root.resolve() in out.resolve().parents:
+        raise OutputError(f"{out}: output would be written inside the artifact {art.root}")
+    if art.manifest.index is not None:
+        _check_output_dir(out, [art.root], force=False)
+    elif out.is_dir():
+        raise OutputError(f"{out}: is a directory; give the restored .safetensors file's path")
+    elif out.exists() and not force:
+        # It could be the user's original checkpoint: never replace a file unasked.
+        raise OutputError(f"{out}: file exists (use --force to replace it)")
+    return _dequantize_run(art, out, dtype, jobs)
+
+
+def _dequantize_run(art: Artifact, out: Path, dtype: str, jobs: int) -> Iterator[TensorResult]:
+    m = art.manifest
+    sharded = m.index is not None
+    stage = _Staging(out)
+    pool = ThreadPoolExecutor(max_workers=_jobs(jobs))
+    try:
+        for shard in m.shards:
+            records = [t for t in m.tensors if t.file == shard]
+            yield from _dequantize_shard(art, shard, records, stage.tmp, dtype, pool)
+        if sharded:
+            assert m.index is not None
+            metadata, weight_map = art.read_index()
+            doc = {"metadata": metadata, "weight_map": weight_map}
+            (stage.tmp / m.index).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            stage.commit_dir()
+        else:
+            stage.commit_file(m.shards[0])
+    except BaseException:
+        stage.discard()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _dequantize_shard(
+    art: Artifact, shard: str, records: list[TensorRecord], tmp: Path, dtype: str,
+    pool: ThreadPoolExecutor,
+) -> Iterator[TensorResult]:
+    scale_name, zp_name = sidecar_names(shard)
+    with SafetensorsFile(art.path(shard)) as main, \
+            SafetensorsFile(art.path(scale_name)) as sc, \
+            SafetensorsFile(art.path(zp_name)) as zp:
+
+        def out_code(rec: TensorRecord) -> str:
+            if dtype != "original" and rec.dtype in FLOAT_CODES:
+                return OUT_DTYPES[dtype]
+            return rec.dtype
+
+        entries = [(r.name, out_code(r), r.shape) for r in records]
+        # A restored checkpoint is not an artifact: no digest. A thread writes behind the
+        # compute, from a few recycled buffers.
+        buffers = _Buffers()
+        with SafetensorsWriter(tmp / shard, entries, main.metadata, digest=False,
+                               background=True) as w:
+            for rec in records:
+                code = out_code(rec)
+                if rec.spec is None:
+                    _copy_tensor(main, main[rec.name], w,
+                                 None if code == rec.dtype else DTYPES[code])
+                else:
+                    _dequantize_streamed(main, sc, zp, rec, DTYPES[code], w, buffers, pool.map)
+                # Progress counts the restored tensor's original bytes, like its total.
+                yield TensorResult(rec, rec.original_bytes)
+
+
+def _dequantize_streamed(main: SafetensorsFile, sc: SafetensorsFile, zp: SafetensorsFile,
+                         rec: TensorRecord, out_dtype: np.dtype, w: SafetensorsWriter,
+                         buffers: _Buffers, mapper: Mapper) -> None:
+    """Dequantize one tensor run by run from the artifact's memory map into ``w``."""
+    assert rec.spec is not None
+    info = main[rec.name]
+    rows, cols = rows_cols(rec.shape)
+    width = info.numel // rows if rows else 0
+    scale, zero = sc.read(rec.name), zp.read(rec.name)
+    compute = compute_dtype(DTYPES[rec.dtype])
+    step = max(1, streams.CHUNK_BYTES // max(1, cols * out_dtype.itemsize))
+    if rows == 0 or cols == 0:
+        w.write(rec.name, b"")
+        return
+    # Only when the largest value scale * (q - zero_point) could exceed the output dtype's
+    # range is each chunk checked for inf (a pass that is skipped otherwise).
+    reach = float(np.max(scale.astype(np.float64) * np.maximum(
+        np.abs(rec.spec.qmin - zero.astype(np.float64)),
+        np.abs(rec.spec.qmax - zero.astype(np.float64)))))
+    check = reach >= float(ml_dtypes.finfo(out_dtype).max)  # numpy's finfo lacks bfloat16
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        q = main.view(info, a * width, b * width).reshape(b - a, width)
+        nbytes = (b - a) * cols * out_dtype.itemsize
+        buf = buffers.get(nbytes)
+        out = buf[:nbytes].view(out_dtype).reshape(b - a, cols)
+        dequantize_rows(q, scale, zero, a, rec.shape, rec.spec, out, compute, mapper)
+        if check:
+            _check_cast(out, main.path, rec.name, out_dtype)
+        w.write_chunk(rec.name, out, release=functools.partial(buffers.put, buf))
+
+

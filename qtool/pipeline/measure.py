@@ -1,0 +1,257 @@
+"""Measuring without writing: the dry run (quantize in memory with several specs) and the
+measuring run (an artifact against its original float checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from qtool.core.blocks import NegativeValuesError, NonFiniteError
+from qtool.core.metrics import ErrorStats
+from qtool.core.quant import dequantize, quantize
+from qtool.core.schemes import QuantSpec, SpecError
+from qtool.core.shapes import compute_dtype, rows_cols
+from qtool.formats._common import CheckpointError, TensorInfo
+from qtool.formats.manifest import MANIFEST, ArtifactError, Manifest, TensorRecord, sidecar_names
+from qtool.formats.native import Artifact
+from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.shards import Checkpoint, open_checkpoint
+from qtool.pipeline.plan import _SCALE_OVERFLOW, QuantizeOptions, TensorResult, make_plan
+from qtool.pipeline.staging import _sha256_file
+from qtool.pipeline.streams import _jobs
+
+# --------------------------------------------------------------------------- measuring (report)
+
+
+@dataclass(frozen=True)
+class DryRunResult:
+    """One tensor of a dry run: one record per spec, in the order the specs were given."""
+
+    info: TensorInfo
+    records: tuple[TensorRecord, ...]
+
+    @property
+    def input_bytes(self) -> int:
+        return self.info.nbytes
+
+
+class DryRun:
+    """`qtool report`'s dry run over a plain checkpoint: each tensor is read once and
+    quantized in memory with every spec; nothing is written. Iterate it for the results."""
+
+    def __init__(self, ckpt: Checkpoint, specs: list[QuantSpec], opts: QuantizeOptions) -> None:
+        self.ckpt, self.specs, self.opts = ckpt, specs, opts
+        # One plan per spec, so every passthrough decision (and every recipe or --skip
+        # mistake) is exactly the one `quantize` would make with that spec.
+        self.plans = [make_plan(ckpt, replace(opts, spec=s)) for s in specs]
+
+    @property
+    def total(self) -> int:
+        return len(self.plans[0].items)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.plans[0].total_bytes
+
+    def __iter__(self) -> Iterator[DryRunResult]:
+        files = {p: SafetensorsFile(p) for p in self.ckpt.shards}
+        pool = ThreadPoolExecutor(max_workers=_jobs(self.opts.jobs))
+        try:
+            for i, (info, _, _) in enumerate(self.plans[0].items):
+                decisions = [plan.items[i][1:] for plan in self.plans]
+                arr = None
+                if any(spec is not None for spec, _ in decisions):
+                    arr = files[info.path].read(info)
+                records = []
+                for spec, reason in decisions:
+                    if spec is not None:
+                        assert arr is not None
+                        rec = self._quantize(files[info.path], info, arr, spec, pool)
+                    else:
+                        rec = TensorRecord(info.name, info.path.name, info.dtype, info.shape,
+                                           passthrough=reason, original_bytes=info.nbytes,
+                                           stored_bytes=info.nbytes)
+                    records.append(rec)
+                del arr
+                yield DryRunResult(info, tuple(records))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for f in files.values():
+                f.close()
+
+    def _quantize(self, sf: SafetensorsFile, info: TensorInfo, arr: np.ndarray,
+                  spec: QuantSpec, pool: ThreadPoolExecutor) -> TensorRecord:
+        def kept(reason: str) -> TensorRecord:
+            return TensorRecord(info.name, info.path.name, info.dtype, info.shape,
+                                passthrough=reason, original_bytes=info.nbytes,
+                                stored_bytes=info.nbytes)
+
+        try:
+            qt = quantize(arr, spec, pool.map)
+        except NonFiniteError as e:
+            if self.opts.nan_policy == "skip":
+                return kept("NaN/inf values (--nan-policy skip)")
+            raise CheckpointError(f"{sf.path}: tensor {info.name!r} has {e}") from None
+        except NegativeValuesError as e:
+            # `quantize` refuses this tensor; a comparison of schemes shows it as "not
+            # possible with this scheme" instead of giving up on every other scheme too.
+            return kept(f"{spec.scheme}: {e}")
+        if not np.isfinite(qt.scale).all():
+            return kept(f"{spec.scheme}: {_SCALE_OVERFLOW}")
+        stored = qt.data.nbytes + qt.scale.nbytes + qt.zero_point.nbytes
+        return TensorRecord(info.name, info.path.name, info.dtype, info.shape, spec,
+                            stats=qt.stats, original_bytes=info.nbytes, stored_bytes=stored)
+
+
+def dry_run(src: str | Path, specs: list[QuantSpec], opts: QuantizeOptions) -> DryRun:
+    """What quantizing ``src`` with each of ``specs`` would do (``opts.spec`` is ignored).
+    Bad input raises here, before any tensor is read."""
+    if not specs:
+        raise SpecError("a dry run needs at least one scheme")
+    return DryRun(open_checkpoint(src), list(specs), opts)
+
+
+def _source_entries(m: Manifest, where: str) -> list[dict]:
+    files = m.source.get("files") if isinstance(m.source, dict) else None
+    if not isinstance(files, list) or not files or not all(
+            isinstance(f, dict) and isinstance(f.get("name"), str) for f in files):
+        raise ArtifactError(f"{where}: source.files is missing or malformed")
+    return files
+
+
+def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
+    """Check that ``original`` (file, index or directory) is what ``art`` was made from: the
+    same number of shards, each with the manifest's size and header sha256 (and full sha256
+    when the manifest has one). Returns {shard name in the manifest: file of the original}."""
+    where = str(art.root / MANIFEST)
+    entries = _source_entries(art.manifest, where)
+    ckpt = open_checkpoint(original)
+    if len(ckpt.shards) != len(entries):
+        raise CheckpointError(
+            f"{original}: has {len(ckpt.shards)} shard(s); the artifact {art.root} was made "
+            f"from {len(entries)}"
+        )
+    if len(entries) == 1:
+        # A single file may have been renamed or moved since: its digest identifies it.
+        pairs = [(entries[0], ckpt.shards[0])]
+    else:
+        by_name = {p.name: p for p in ckpt.shards}
+        missing = [e["name"] for e in entries if e["name"] not in by_name]
+        if missing:
+            raise CheckpointError(
+                f"{original}: has no shard {missing[0]!r}, which the artifact {art.root} was "
+                "made from"
+            )
+        pairs = [(e, by_name[e["name"]]) for e in entries]
+    found: dict[str, Path] = {}
+    for entry, path in pairs:
+        what = f"the artifact {art.root} was made from {entry['name']!r}"
+        with SafetensorsFile(path) as sf:
+            size, header_bytes = sf.size, sf.header_bytes
+        if size != entry.get("size"):
+            raise CheckpointError(
+                f"{path}: size {size} differs from the {entry.get('size')!r:.30} bytes of the "
+                f"source ({what}); is this the original?"
+            )
+        digest = hashlib.sha256(header_bytes).hexdigest()
+        if digest != entry.get("header_sha256"):
+            raise CheckpointError(
+                f"{path}: header sha256 {digest} differs from the source's ({what}); "
+                "is this the original?"
+            )
+        if "sha256" in entry and _sha256_file(path) != entry["sha256"]:
+            raise CheckpointError(
+                f"{path}: sha256 differs from the source's ({what}); its tensor data changed"
+            )
+        found[entry["name"]] = path
+    if len(entries) == 1 and len(art.manifest.shards) == 1:
+        # quantize names the artifact's shard after the source file; a damaged manifest may
+        # not, and there is only one way to pair one shard with one file anyway.
+        found = {art.manifest.shards[0]: ckpt.shards[0]}
+    missing = [s for s in art.manifest.shards if s not in found]
+    if missing:
+        raise ArtifactError(f"{where}: shard {missing[0]!r:.80} is not among source.files")
+    return found
+
+
+class MeasureRun:
+    """`qtool report --original`: every quantized tensor of an artifact dequantized and
+    compared with the original again. Iterating yields one TensorResult per tensor whose
+    record carries the measured statistics (passthrough records as they are)."""
+
+    def __init__(self, art: Artifact, originals: dict[str, Path], jobs: int) -> None:
+        self.art, self.originals, self.jobs = art, originals, jobs
+
+    @property
+    def total(self) -> int:
+        return len(self.art.manifest.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.original_bytes for t in self.art.manifest.tensors)
+
+    def __iter__(self) -> Iterator[TensorResult]:
+        m = self.art.manifest
+        pool = ThreadPoolExecutor(max_workers=_jobs(self.jobs))
+        try:
+            for shard in m.shards:
+                records = [t for t in m.tensors if t.file == shard]
+                scale_name, zp_name = sidecar_names(shard)
+                with SafetensorsFile(self.art.path(shard)) as main, \
+                        SafetensorsFile(self.art.path(scale_name)) as sc, \
+                        SafetensorsFile(self.art.path(zp_name)) as zp, \
+                        SafetensorsFile(self.originals[shard]) as orig:
+                    for rec in records:
+                        if rec.spec is None:
+                            yield TensorResult(rec, rec.original_bytes)
+                            continue
+                        if rec.name not in orig or orig[rec.name].dtype != rec.dtype or \
+                                orig[rec.name].shape != rec.shape:
+                            raise CheckpointError(
+                                f"{orig.path}: tensor {rec.name!r} is missing or differs from "
+                                "the manifest's dtype and shape"
+                            )
+                        w = orig.read(rec.name)
+                        cdt = compute_dtype(w.dtype)
+                        w_hat = dequantize(main.read(rec.name), sc.read(rec.name),
+                                           zp.read(rec.name), rec.shape, rec.spec, cdt, cdt,
+                                           pool.map)
+                        stats = _stats_by_blocks(w, w_hat)
+                        if not math.isfinite(stats.signal_sq):
+                            raise CheckpointError(
+                                f"{orig.path}: tensor {rec.name!r} has NaN/inf values")
+                        if not all(math.isfinite(v) for v in (stats.error_sq, stats.cross,
+                                                              stats.max_abs_error)):
+                            # NaN or infinite scales: a damaged artifact, not a figure.
+                            raise ArtifactError(
+                                f"{sc.path}: tensor {rec.name!r} dequantizes to NaN or "
+                                "infinite values (see qtool verify)"
+                            )
+                        yield TensorResult(replace(rec, stats=stats), rec.original_bytes)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stats_by_blocks(w: np.ndarray, w_hat: np.ndarray) -> ErrorStats:
+    """ErrorStats.between in row blocks: its float64 copies stay small for large tensors."""
+    rows, cols = rows_cols(tuple(w.shape))
+    w2, h2 = w.reshape(rows, cols), w_hat.reshape(rows, cols)
+    step = max(1, (1 << 18) // max(cols, 1))
+    stats = ErrorStats()
+    for i in range(0, rows, step):
+        stats = stats.merge(ErrorStats.between(w2[i:i + step], h2[i:i + step]))
+    return stats
+
+
+def measure_artifact(art_dir: str | Path, original: str | Path, jobs: int = 0) -> MeasureRun:
+    """Measure an artifact's error against ``original`` again (see :class:`MeasureRun`). The
+    artifact's cheap checks and the original's identity (:func:`match_original`) are checked
+    here, before any tensor is read."""
+    art = Artifact.open(art_dir)
+    return MeasureRun(art, match_original(art, original), jobs)

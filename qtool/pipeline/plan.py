@@ -1,0 +1,130 @@
+"""Decide, before anything is written, what happens to each tensor: quantized with which
+spec (options, recipe rules), or copied bit for bit and why."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from qtool.core.schemes import QuantSpec, SpecError
+from qtool.formats._common import FLOAT_CODES, TensorInfo
+from qtool.formats.manifest import TensorRecord
+from qtool.formats.shards import Checkpoint
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One recipe rule: tensors whose name matches get these settings (or are skipped)."""
+
+    match: str
+    skip: bool = False
+    settings: tuple[tuple[str, object], ...] = ()
+    origin: str = ""  # where the rule was written, e.g. "recipe.toml rule 2", for messages
+
+    @property
+    def label(self) -> str:
+        if self.origin:
+            return f"{self.origin} (match {self.match!r})"
+        return f"recipe rule {self.match!r}"
+
+    def matches(self, name: str) -> bool:
+        if self.match.startswith("re:"):
+            return re.search(self.match[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.match)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything `quantize` needs, built once at the edge (the CLI) and read-only after."""
+
+    spec: QuantSpec = field(default_factory=QuantSpec)
+    skip: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    allow_unused_rules: bool = False
+    jobs: int = 0  # 0: one per core
+    source_digest: bool = False
+    nan_policy: str = "error"
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    """One tensor done: what the manifest records, plus the input bytes it covered."""
+
+    record: TensorRecord
+    input_bytes: int
+
+
+@dataclass
+class Plan:
+    """What will happen to each tensor, decided before anything is written."""
+
+    checkpoint: Checkpoint
+    items: list[tuple[TensorInfo, QuantSpec | None, str | None]]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info, _, _ in self.items)
+
+
+# Scales are stored as float32 (docs/FORMAT.md): F64 weights beyond about 4e40 would need a
+# larger one, which becomes inf and would restore as inf or NaN.
+_SCALE_OVERFLOW = "has values too large for a float32 scale"
+
+
+def _glob_any(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def decide(info: TensorInfo, opts: QuantizeOptions) -> tuple[QuantSpec | None, str | None]:
+    """(spec, None) to quantize the tensor, or (None, reason) to copy it bit for bit."""
+    if info.dtype not in FLOAT_CODES:
+        return None, f"{info.dtype} is not a float dtype"
+    if len(info.shape) == 0:
+        return None, "scalar"
+    if len(info.shape) == 1:
+        return None, "1-D tensor (bias or norm)"
+    if info.nbytes == 0:
+        return None, "empty tensor"
+    if _glob_any(info.name, opts.skip):
+        return None, "matched --skip"
+    if opts.only and not _glob_any(info.name, opts.only):
+        return None, "not matched by --only"
+    spec = opts.spec
+    for rule in opts.rules:
+        if rule.matches(info.name):
+            if rule.skip:
+                return None, f"recipe rule {rule.match!r}: skip"
+            try:
+                settings = dict(rule.settings)
+                spec = spec.with_(**settings)
+                if spec.scheme == "gnmt" and settings.get("granularity", "channel") != "channel":
+                    raise SpecError(f"scheme gnmt is always per row, not {settings['granularity']}")
+            except (SpecError, TypeError) as e:
+                raise SpecError(f"{rule.label} on tensor {info.name!r}: {e}") from None
+            break
+    return spec, None
+
+
+def make_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
+    items = []
+    used: set[int] = set()
+    for info in ckpt.tensors():
+        spec, reason = decide(info, opts)
+        for i, rule in enumerate(opts.rules):
+            if rule.matches(info.name):
+                used.add(i)
+                break
+        items.append((info, spec, reason))
+    plan = Plan(ckpt, items)
+    for i, rule in enumerate(opts.rules):
+        if i not in used:
+            msg = f"{rule.label} matches no tensor"
+            if not opts.allow_unused_rules:
+                raise SpecError(msg + " (use --allow-unused-rules to allow it)")
+            plan.warnings.append(msg)
+    return plan
+

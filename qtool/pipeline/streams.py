@@ -1,0 +1,200 @@
+"""Streaming helpers shared by the runs: tensors are read in runs of rows from memory maps and
+written through a background writer thread, so memory stays near a few runs whatever the
+size of the tensors (docs/PERFORMANCE.md); worker threads and BLAS thread control."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import queue
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from qtool.core.blocks import Mapper
+from qtool.core.quant import TensorQuantizer
+from qtool.core.schemes import QuantSpec
+from qtool.formats._common import CheckpointError, TensorInfo
+from qtool.formats.manifest import MANIFEST, sidecar_names
+from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.shards import Checkpoint
+from qtool.formats.writer import SafetensorsWriter
+from qtool.pipeline.plan import Plan
+
+# --------------------------------------------------------------------------- streaming
+#
+# Tensors are read in runs of rows from memory maps (SafetensorsFile.view: no copy, and the
+# pages leave the resident set once a run is done) and written in runs through a background
+# thread that writes and hashes while the next run is computed. Memory therefore stays near
+# a few runs whatever the size of the tensors or the checkpoint (docs/PERFORMANCE.md).
+
+# Bytes of input (quantize) or output (dequantize) per run: large enough that per-run costs
+# (a map, a pool round, a queue hand-off) vanish, small enough for a few to sit in memory.
+# Quantizing holds one run of input and three quarter-size runs of output at a time: its
+# runs are larger, so that each gives the pool many tasks and the threads rarely wait for
+# each other at the end of a run. Dequantizing holds three runs of float output.
+CHUNK_BYTES = 16 << 20
+QUANTIZE_CHUNK_BYTES = 64 << 20
+# Output buffers in rotation: one being filled, one being written, one spare.
+_BUFFERS = 3
+
+
+class _Buffers:
+    """Reusable output buffers. The writer thread gives each back once it is written, so
+    steady state allocates (and page-faults) nothing, and at most _BUFFERS are in flight."""
+
+    def __init__(self, count: int = _BUFFERS) -> None:
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(np.empty(0, np.uint8))
+
+    def get(self, nbytes: int) -> np.ndarray:
+        buf = self._free.get()
+        return buf if buf.size >= nbytes else np.empty(nbytes, np.uint8)
+
+    def put(self, buf: np.ndarray) -> None:
+        self._free.put(buf)
+
+
+def _runs(count: int, itemsize: int) -> Iterator[tuple[int, int]]:
+    """[a, b) element runs of about CHUNK_BYTES."""
+    step = max(1, CHUNK_BYTES // max(itemsize, 1))
+    for a in range(0, count, step):
+        yield a, min(a + step, count)
+
+
+def _copy_tensor(sf: SafetensorsFile, info: TensorInfo, w: SafetensorsWriter,
+                 out_dtype: np.dtype | None = None) -> None:
+    """Stream a tensor's bytes (or its values cast to ``out_dtype``) into ``w``: straight from
+    the memory map to the file, never the whole tensor in memory."""
+    if info.nbytes == 0:
+        w.write(info.name, b"")
+        return
+    for a, b in _runs(info.numel, info.np_dtype.itemsize):
+        run = sf.view(info, a, b)
+        if out_dtype is not None:
+            run = run.astype(out_dtype)
+            _check_cast(run, sf.path, info.name, out_dtype)
+        w.write_chunk(info.name, run)
+
+
+def _check_cast(out: np.ndarray, path: Path, name: str, out_dtype: np.dtype) -> None:
+    # A narrower float (float16 tops out at 65504) turns large values into inf: refuse that
+    # rather than write a checkpoint that silently holds inf.
+    if out.size and not np.isfinite(out).all():
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has values beyond the range of {out_dtype.name}; "
+            "restore it with a wider --dtype"
+        )
+
+
+def _count_nonfinite(sf: SafetensorsFile, info: TensorInfo) -> int:
+    bad = 0
+    for a, b in _runs(info.numel, info.np_dtype.itemsize):
+        run = sf.view(info, a, b)
+        if run.dtype not in (np.float32, np.float64):
+            run = run.astype(np.float32)
+        bad += int(run.size - np.count_nonzero(np.isfinite(run)))
+    return bad
+
+
+def _absmax(sf: SafetensorsFile, info: TensorInfo) -> float:
+    return max((float(np.abs(sf.view(info, a, b).astype(np.float64)).max())
+                for a, b in _runs(info.numel, 8)), default=0.0)
+
+
+def _find_nonfinite(ckpt_files: dict[Path, SafetensorsFile], plan: Plan) -> set[str]:
+    return {info.name for info, spec, _ in plan.items
+            if spec is not None and _count_nonfinite(ckpt_files[info.path], info)}
+
+
+def _quantize_streamed(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec,
+                       w: SafetensorsWriter, buffers: _Buffers,
+                       mapper: Mapper) -> TensorQuantizer:
+    """Quantize one tensor run by run from its memory map into ``w``; the sidecars are
+    returned (small: one value per row or group) for the caller to write."""
+    tq = TensorQuantizer(info.shape, info.np_dtype, spec)
+    cols = tq.cols
+
+    def rows_of(a: int, b: int) -> np.ndarray:
+        return sf.view(info, a * cols, b * cols).reshape(b - a, cols)
+
+    max_elements = max(1, QUANTIZE_CHUNK_BYTES // info.np_dtype.itemsize)
+    if tq.needs_tensor_range:
+        tq.set_tensor_range(rows_of, mapper, max_elements)
+    width = tq.out_row_items
+    for a, b in tq.chunks(max_elements):
+        nbytes = (b - a) * width * tq.out_dtype.itemsize
+        buf = buffers.get(nbytes)
+        out = buf[:nbytes].view(tq.out_dtype).reshape(b - a, width)
+        tq.run(rows_of(a, b), a, out, mapper)
+        w.write_chunk(info.name, out, release=functools.partial(buffers.put, buf))
+    return tq
+
+
+def _check_output_names(ckpt: Checkpoint) -> None:
+    """The artifact is flat: each shard's files are named after the shard's file name alone.
+    Shards in different subdirectories of an index with the same name, or a shard named like
+    another's sidecar or like the manifest or index, would overwrite each other: refuse."""
+    owner: dict[str, Path] = {MANIFEST: Path(MANIFEST)}
+    if ckpt.index_path is not None:
+        owner[ckpt.index_path.name] = ckpt.index_path
+    for shard in ckpt.shards:
+        for name in (shard.name, *sidecar_names(shard.name)):
+            if name in owner:
+                raise CheckpointError(
+                    f"{ckpt.index_path or shard}: shard {shard} would be written as {name}, "
+                    f"which {owner[name]} also needs in the output; rename one of them"
+                )
+            owner[name] = shard
+
+
+def _jobs(n: int) -> int:
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+def _openblas_thread_controls() -> list[tuple[Callable[[], int], Callable[[int], None]]]:
+    """(get, set) of the thread count of every OpenBLAS loaded in this process (numpy's own,
+    whatever its symbol prefix); empty where there is none or it cannot be found."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = sorted({line.split()[-1] for line in f
+                            if "openblas" in line.lower() and ".so" in line})
+    except OSError:
+        return []
+    controls = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                    controls.append((get, put))
+    return controls
+
+
+@contextlib.contextmanager
+def _blas_single_threaded() -> Iterator[None]:
+    """Run BLAS on one thread meanwhile. The error statistics' dot products go to OpenBLAS,
+    which splits any dot product of more than 10,000 values over threads of its own and leaves
+    them spinning afterwards: on top of our pool they took the cores our workers and the
+    writer thread needed (measured in docs/PERFORMANCE.md). One thread gives the same sums."""
+    controls = _openblas_thread_controls()
+    saved = [get() for get, _ in controls]
+    for _, put in controls:
+        put(1)
+    try:
+        yield
+    finally:
+        for (_, put), n in zip(controls, saved, strict=True):
+            put(n)
+
+

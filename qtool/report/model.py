@@ -1,0 +1,418 @@
+"""Presentation: turns pipeline results into Rich renderables and JSON/CSV/Markdown strings.
+
+Nothing here prints; the CLI does.
+
+`qtool report` builds one :class:`Report` from per-tensor :class:`TensorRecord`s (from an
+artifact's manifest, from a new measurement against the original, or from a dry run of one or
+more schemes over a plain checkpoint) and renders it as a Rich table, JSON (docs/REPORT.md),
+CSV or Markdown. The exit code for CI (:attr:`Report.exit_code`) is computed here from the
+data, so every output format agrees with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from qtool.core.metrics import ErrorStats
+from qtool.core.schemes import QuantSpec
+from qtool.formats._common import DTYPES, CheckpointError
+from qtool.formats.manifest import TensorRecord
+from qtool.report.energy import EnergyEstimate, EnergyModel, EnergyModelError, TensorCost, estimate
+from qtool.report.fmt import (
+    _fmt_change,
+    _fmt_err,
+    _fmt_pct,
+    _fmt_ratio,
+    _fmt_sqnr,
+    _gran,
+    human_bytes,
+    human_energy,
+)
+
+SCHEMA_VERSION = 1
+FORMATS = ("table", "json", "csv", "markdown")
+SORT_KEYS = ("name", "sqnr", "error", "size")
+# Without --fail-under-sqnr, the table colours SQNR below these (dB) red and yellow: at 20 dB
+# the error's energy is 1 % of the signal's, at 30 dB 0.1 %.
+SQNR_RED_DB = 20.0
+SQNR_YELLOW_DB = 30.0
+ENERGY_MODEL_SIZE_LIMIT = 1_000_000  # bytes; a model file is a dozen numbers
+NAME_MIN_WIDTH = 20  # the tensor-name column never gets narrower than this in the table
+BEST = "★"
+
+
+
+class ReportError(CheckpointError):
+    """Bad input to the report (exit 2): a malformed energy model, a manifest without
+    metrics, options that do not apply to the given PATH."""
+
+
+# --------------------------------------------------------------------------- quantize summary
+
+
+
+
+def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float) -> dict[str, Any]:
+    """The summary `quantize` shows: counts, bytes as stored (file sizes) before and after."""
+    from qtool.formats.native import Artifact
+
+    art = Artifact.open(out_dir)
+    before = sum(int(f["size"]) for f in art.manifest.source["files"])
+    after = sum(int(f["size"]) for f in art.manifest.files.values())
+    quantized = sum(1 for r in records if r.quantized)
+    return {
+        "output": str(out_dir),
+        "tensors": {"quantized": quantized, "passthrough": len(records) - quantized},
+        "bytes": {"before": before, "after": after},
+        "compression_ratio": round(before / after, 4) if after else None,
+        "seconds": round(seconds, 3),
+    }
+
+
+
+
+# --------------------------------------------------------------------------- energy model file
+
+
+def load_energy_model(path: str | Path) -> EnergyModel:
+    """The figures of ``--energy-model FILE.json`` (see docs/ENERGY.md); ReportError naming
+    the file when it cannot be read or is malformed."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(ENERGY_MODEL_SIZE_LIMIT + 1)
+    except OSError as e:
+        raise ReportError(f"{p}: cannot read the energy model ({e.strerror or e})") from None
+    if len(raw) > ENERGY_MODEL_SIZE_LIMIT:
+        raise ReportError(f"{p}: energy model over the {ENERGY_MODEL_SIZE_LIMIT}-byte limit")
+    try:
+        # parse_constant: NaN/Infinity are not JSON, and not energy figures either.
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ReportError(f"{p}: energy model is not valid JSON ({str(e):.80})") from None
+    try:
+        return EnergyModel.from_dict(doc)
+    except EnergyModelError as e:
+        raise ReportError(f"{p}: bad energy model: {e}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# --------------------------------------------------------------------------- the report data
+
+
+@dataclass
+class Row:
+    """One tensor: its record under each group (the artifact, or each dry-run scheme)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    results: list[TensorRecord]
+    best: int | None = None  # index of the best group (dry run of two or more schemes)
+
+    @property
+    def parameters(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def original_bytes(self) -> int:
+        return self.results[0].original_bytes
+
+
+@dataclass(frozen=True)
+class Worst:
+    name: str
+    sqnr_db: float
+    max_abs_error: float
+
+
+@dataclass
+class Totals:
+    """One group's totals over every tensor (passthrough ones included in the bytes)."""
+
+    tensors: int
+    quantized: int
+    bytes_before: int
+    bytes_after: int
+    stats: ErrorStats  # merged over the quantized tensors
+    worst: Worst | None
+
+    @property
+    def passthrough(self) -> int:
+        return self.tensors - self.quantized
+
+    @property
+    def ratio(self) -> float | None:
+        return self.bytes_before / self.bytes_after if self.bytes_after else None
+
+    @property
+    def saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    @property
+    def saved_percent(self) -> float | None:
+        return 100.0 * self.saved / self.bytes_before if self.bytes_before else None
+
+
+@dataclass(frozen=True)
+class Offender:
+    """A quantized tensor that misses a CI threshold."""
+
+    name: str
+    label: str | None  # the dry-run scheme; None for an artifact
+    metric: str  # "sqnr_db" or "max_abs_error"
+    value: float
+    limit: float
+
+    def message(self) -> str:
+        where = f"tensor {self.name!r}" + (f" ({self.label})" if self.label else "")
+        if self.metric == "sqnr_db":
+            return (f"{where}: SQNR {_fmt_sqnr(self.value)} dB is below "
+                    f"--fail-under-sqnr {self.limit:g}")
+        return (f"{where}: max abs error {self.value:.6g} is above --max-error "
+                f"{self.limit:g}")
+
+
+@dataclass
+class Report:
+    """Everything `qtool report` shows; built once, then rendered in any format."""
+
+    kind: str  # "artifact" or "dry-run"
+    path: str
+    labels: list[str]  # one per group: "artifact", or the scheme of each dry run
+    specs: list[QuantSpec | None]  # the dry run's spec per group; None for an artifact
+    rows: list[Row]
+    metrics_from: str  # "manifest", "original" or "dry-run"
+    original: str | None = None
+    energy_model: EnergyModel = field(default_factory=EnergyModel)
+    fail_under_sqnr: float | None = None
+    max_error: float | None = None
+    disk: tuple[int, int] | None = None  # an artifact's file bytes: source, artifact
+    totals: list[Totals] = field(init=False)
+    energy: list[EnergyEstimate] = field(init=False)
+    offenders: list[Offender] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.totals = [self._totals(i) for i in range(len(self.labels))]
+        self.energy = [
+            estimate(self.energy_model, (
+                TensorCost(r.dtype, r.parameters, r.results[i].original_bytes,
+                           r.results[i].stored_bytes, r.results[i].quantized)
+                for r in self.rows))
+            for i in range(len(self.labels))
+        ]
+        if self.kind == "dry-run" and len(self.labels) > 1:
+            for r in self.rows:
+                r.best = _best(r.results)
+        self.offenders = self._check()
+
+    @property
+    def exit_code(self) -> int:
+        """0: every threshold holds (or none was given); 1: some tensor misses one."""
+        return 1 if self.offenders else 0
+
+    def _totals(self, i: int) -> Totals:
+        stats = ErrorStats()
+        worst: Worst | None = None
+        quantized = 0
+        for r in self.rows:
+            rec = r.results[i]
+            if rec.stats is None:
+                continue
+            quantized += 1
+            stats = stats.merge(rec.stats)
+            s = rec.stats
+            if worst is None or (s.sqnr_db, -s.max_abs_error) < (worst.sqnr_db,
+                                                                   -worst.max_abs_error):
+                worst = Worst(r.name, s.sqnr_db, s.max_abs_error)
+        return Totals(
+            tensors=len(self.rows), quantized=quantized,
+            bytes_before=sum(r.results[i].original_bytes for r in self.rows),
+            bytes_after=sum(r.results[i].stored_bytes for r in self.rows),
+            stats=stats, worst=worst,
+        )
+
+    def _check(self) -> list[Offender]:
+        out: list[Offender] = []
+        for r in self.rows:
+            for label, rec in zip(self._offender_labels(), r.results, strict=True):
+                if rec.stats is None:
+                    continue
+                sqnr = rec.stats.sqnr_db
+                if self.fail_under_sqnr is not None and sqnr < self.fail_under_sqnr:
+                    out.append(Offender(r.name, label, "sqnr_db", sqnr, self.fail_under_sqnr))
+                err = rec.stats.max_abs_error
+                if self.max_error is not None and err > self.max_error:
+                    out.append(Offender(r.name, label, "max_abs_error", err, self.max_error))
+        return out
+
+    def _offender_labels(self) -> list[str | None]:
+        return [None] * len(self.labels) if self.kind == "artifact" else list(self.labels)
+
+    def sorted_rows(self, sort: str | None = None, top: int | None = None) -> list[Row]:
+        """The rows to show: in checkpoint order, or sorted (worst first for sqnr and error,
+        largest first for size; a dry run sorts by its first scheme), then the first ``top``."""
+        rows = list(self.rows)
+        if sort == "name":
+            rows.sort(key=lambda r: r.name)
+        elif sort == "sqnr":
+            # Tensors kept in float have no SQNR: they go last.
+            rows.sort(key=lambda r: (0, r.results[0].stats.sqnr_db) if r.results[0].stats
+                      else (1, 0.0))
+        elif sort == "error":
+            rows.sort(key=lambda r: (0, -r.results[0].stats.max_abs_error)
+                      if r.results[0].stats else (1, 0.0))
+        elif sort == "size":
+            rows.sort(key=lambda r: -r.original_bytes)
+        elif sort is not None:
+            raise ReportError(f"unknown sort key {sort!r}; choose one of {', '.join(SORT_KEYS)}")
+        return rows[:top] if top is not None else rows
+
+
+def _best(results: list[TensorRecord]) -> int | None:
+    """The group with the highest SQNR for this tensor (ties: fewer stored bytes, then the
+    first given); None when no group quantized it."""
+    cands = [(-rec.stats.sqnr_db, rec.stored_bytes, i) for i, rec in enumerate(results)
+             if rec.stats is not None]
+    return min(cands)[2] if cands else None
+
+
+def _check_records(records: Sequence[TensorRecord], where: str) -> None:
+    """What the report relies on in a manifest that may be damaged or hostile: metrics for
+    every quantized tensor (ErrorStats.from_dict has made sure they are finite), with sums
+    that do not overflow. ReportError naming the manifest and the tensor otherwise."""
+    signal = error = 0.0
+    for rec in records:
+        if not rec.quantized:
+            continue
+        if rec.stats is None:
+            raise ReportError(
+                f"{where}: tensor {rec.name!r:.80} has no metrics; pass --original FILE to "
+                "measure them"
+            )
+        signal += rec.stats.signal_sq
+        error += rec.stats.error_sq
+    if not (math.isfinite(signal) and math.isfinite(error)):
+        raise ReportError(f"{where}: the metrics' sums overflow; they are not plausible")
+
+
+def _with_real_bytes(rec: TensorRecord) -> TensorRecord:
+    """The record with its byte counts computed from its dtype and shapes, which the
+    artifact's cheap checks have matched against the files: what is really stored, whatever
+    the manifest's ``bytes`` says."""
+    original = math.prod(rec.shape) * DTYPES[rec.dtype].itemsize
+    if rec.spec is None:
+        stored = original
+    else:
+        # integers are one byte each (packed below 8 bits); scales F32 and zero points I32
+        stored = math.prod(rec.stored_shape) + 8 * math.prod(rec.param_shape)
+    return replace(rec, original_bytes=original, stored_bytes=stored)
+
+
+def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
+                    metrics_from: str = "manifest", original: str | Path | None = None,
+                    disk: tuple[int, int] | None = None,
+                    energy_model: EnergyModel | None = None,
+                    fail_under_sqnr: float | None = None,
+                    max_error: float | None = None) -> Report:
+    """The report of an artifact from its records (the manifest's, or re-measured ones)."""
+    _check_records(records, str(Path(path) / "qtool.json"))
+    records = [_with_real_bytes(r) for r in records]
+    rows = [Row(r.name, r.dtype, tuple(r.shape), [r]) for r in records]
+    return Report("artifact", str(path), ["artifact"], [None], rows, metrics_from,
+                  original=None if original is None else str(original),
+                  energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
+                  max_error=max_error, disk=disk)
+
+
+def dry_run_report(path: str | Path, specs: Sequence[QuantSpec],
+                   results: Sequence[Sequence[TensorRecord]], *,
+                   energy_model: EnergyModel | None = None,
+                   fail_under_sqnr: float | None = None,
+                   max_error: float | None = None) -> Report:
+    """The report of a dry run: ``results[t][g]`` is tensor t under ``specs[g]``."""
+    labels = spec_labels(specs)
+    rows = [Row(rs[0].name, rs[0].dtype, tuple(rs[0].shape), list(rs)) for rs in results]
+    return Report("dry-run", str(path), labels, list(specs), rows, "dry-run",
+                  energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
+                  max_error=max_error)
+
+
+def spec_labels(specs: Sequence[QuantSpec]) -> list[str]:
+    """Column-group labels: the scheme name, with the settings that tell specs apart added
+    only when two specs share a scheme."""
+    labels = []
+    for s in specs:
+        label = s.scheme
+        if sum(1 for o in specs if o.scheme == s.scheme) > 1:
+            label += f" {s.bits}b {_gran(s)}"
+        labels.append(label)
+    return labels
+
+
+def disk_bytes(source: dict[str, Any], files: dict[str, dict[str, Any]]
+               ) -> tuple[int, int] | None:
+    """(source files, artifact files) sizes from a manifest, as `quantize` summarises them;
+    None when the manifest does not say (the report does not need them)."""
+    try:
+        return (sum(int(f["size"]) for f in source["files"]),
+                sum(int(f["size"]) for f in files.values()))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _subtitle(report: Report) -> str:
+    if report.kind == "dry-run":
+        return ("dry run: what each scheme would do (nothing written); "
+                f"{BEST} marks the best SQNR per tensor" if len(report.labels) > 1 else
+                "dry run: what the scheme would do (nothing written)")
+    if report.metrics_from == "original":
+        return f"artifact; metrics measured again against {report.original}"
+    return "artifact; metrics measured at quantize time (from qtool.json)"
+
+
+def _after_labels(report: Report) -> list[str]:
+    return ["after"] if report.kind == "artifact" else list(report.labels)
+
+
+def _totals_lines(report: Report) -> list[tuple[str, str, list[str]]]:
+    """(what, before, [after per group]) lines of the totals, shared by table and Markdown.
+    Values are kept short so that three groups still fit in 80 columns."""
+    ts, es = report.totals, report.energy
+    t0 = ts[0]
+    lines: list[tuple[str, str, list[str]]] = [
+        ("tensors", str(t0.tensors), [str(t.tensors) for t in ts]),
+        ("tensors quantized", "", [str(t.quantized) for t in ts]),
+        ("tensors kept in float", "", [str(t.passthrough) for t in ts]),
+        ("tensor bytes", human_bytes(t0.bytes_before), [human_bytes(t.bytes_after) for t in ts]),
+        ("compression", "", [_fmt_ratio(t.ratio) for t in ts]),
+        ("memory saved", "", [human_bytes(t.saved) for t in ts]),
+        ("memory saved %", "", [_fmt_pct(t.saved_percent) for t in ts]),
+    ]
+    if report.disk is not None:
+        lines.append(("file bytes", human_bytes(report.disk[0]), [human_bytes(report.disk[1])]))
+    lines += [
+        ("SQNR, all quantized", "",
+         [f"{_fmt_sqnr(t.stats.sqnr_db)} dB" if t.quantized else "-" for t in ts]),
+        ("max abs error", "", [_fmt_err(t.stats.max_abs_error) if t.quantized else "-"
+                               for t in ts]),
+        ("worst tensor", "", [f"{t.worst.name} ({_fmt_sqnr(t.worst.sqnr_db)} dB)"
+                              if t.worst else "-" for t in ts]),
+    ]
+    for what, get in (
+        ("energy: DRAM reads", lambda e: (e.memory_before_pj, e.memory_after_pj)),
+        ("energy: MACs", lambda e: (e.compute_before_pj, e.compute_after_pj)),
+        ("energy: total", lambda e: (e.total_before_pj, e.total_after_pj)),
+    ):
+        pairs = [get(e) for e in es]
+        lines.append((what, human_energy(pairs[0][0]), [human_energy(a) for _, a in pairs]))
+        lines.append((f"{what} saved", "", [_fmt_change(b, a) for b, a in pairs]))
+    return lines
