@@ -1,4 +1,4 @@
-"""qtool.formats.native: the documented format, its loader in docs/FORMAT.md, and the cheap checks."""
+"""qtool.formats.native: the documented format, its loader in docs/FORMAT.md, the cheap checks."""
 
 from __future__ import annotations
 

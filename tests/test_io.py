@@ -1,4 +1,4 @@
-"""Tests for qtool.formats (safetensors, shards, writer): the validating safetensors reader, checkpoint resolution, the writer."""
+"""qtool.formats: the validating safetensors reader, checkpoint resolution, the writer."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for qtool.core.packing against hand-computed bytes and an independent plain-Python reader."""
+"""qtool.core.packing against hand-computed bytes and an independent plain-Python reader."""
 
 from __future__ import annotations
 

@@ -16,9 +16,8 @@ from qtool.core.quant import dequantize_rows
 from qtool.core.schemes import SpecError
 from qtool.core.shapes import compute_dtype, rows_cols
 from qtool.formats._common import DTYPES, FLOAT_CODES
-from qtool.formats.manifest import TensorRecord, sidecar_names
-from qtool.formats.native import Artifact
-from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.manifest import TensorRecord
+from qtool.formats.registry import SOURCES, InTensor, Source
 from qtool.formats.writer import SafetensorsWriter
 from qtool.pipeline import streams
 from qtool.pipeline.plan import TensorResult
@@ -37,36 +36,41 @@ def dequantize_artifact(
     """Restore a float checkpoint from an artifact. For a sharded artifact ``out`` is a
     directory that receives the shards and the index under their original names. ``verify``
     checks every file's size and sha256 against the manifest first."""
-    art = Artifact.open(art_dir)
+    src = open_source(art_dir)
     if verify:
-        art.verify_files()
+        src.verify_files()
     out = Path(out)
     if dtype != "original" and dtype not in OUT_DTYPES:
         raise SpecError(f"unknown --dtype {dtype!r}; choose original, {', '.join(OUT_DTYPES)}")
-    if out.resolve() == art.root.resolve() or art.root.resolve() in out.resolve().parents:
-        raise OutputError(f"{out}: output would be written inside the artifact {art.root}")
-    if art.manifest.index is not None:
-        _check_output_dir(out, [art.root], force=False)
+    if out.resolve() == src.root.resolve() or src.root.resolve() in out.resolve().parents:
+        raise OutputError(f"{out}: output would be written inside the artifact {src.root}")
+    if src.manifest.index is not None:
+        _check_output_dir(out, [src.root], force=False)
     elif out.is_dir():
         raise OutputError(f"{out}: is a directory; give the restored .safetensors file's path")
     elif out.exists() and not force:
         # It could be the user's original checkpoint: never replace a file unasked.
         raise OutputError(f"{out}: file exists (use --force to replace it)")
-    return _dequantize_run(art, out, dtype, jobs)
+    return _dequantize_run(src, out, dtype, jobs)
 
 
-def _dequantize_run(art: Artifact, out: Path, dtype: str, jobs: int) -> Iterator[TensorResult]:
-    m = art.manifest
-    sharded = m.index is not None
+def open_source(path: str | Path, kind: str = "qtool") -> Source:
+    """The stored tensors at ``path``, through the source registered as ``kind``."""
+    return SOURCES[kind](Path(path))
+
+
+def _dequantize_run(src: Source, out: Path, dtype: str, jobs: int) -> Iterator[TensorResult]:
+    m = src.manifest
     stage = _Staging(out)
     pool = ThreadPoolExecutor(max_workers=_jobs(jobs))
     try:
         for shard in m.shards:
             records = [t for t in m.tensors if t.file == shard]
-            yield from _dequantize_shard(art, shard, records, stage.tmp, dtype, pool)
-        if sharded:
+            yield from _dequantize_shard(src, shard, records, stage.tmp, dtype, pool)
+        index = src.index()
+        if index is not None:
             assert m.index is not None
-            metadata, weight_map = art.read_index()
+            metadata, weight_map = index
             doc = {"metadata": metadata, "weight_map": weight_map}
             (stage.tmp / m.index).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             stage.commit_dir()
@@ -80,14 +84,11 @@ def _dequantize_run(art: Artifact, out: Path, dtype: str, jobs: int) -> Iterator
 
 
 def _dequantize_shard(
-    art: Artifact, shard: str, records: list[TensorRecord], tmp: Path, dtype: str,
+    src: Source, shard: str, records: list[TensorRecord], tmp: Path, dtype: str,
     pool: ThreadPoolExecutor,
 ) -> Iterator[TensorResult]:
-    scale_name, zp_name = sidecar_names(shard)
-    with SafetensorsFile(art.path(shard)) as main, \
-            SafetensorsFile(art.path(scale_name)) as sc, \
-            SafetensorsFile(art.path(zp_name)) as zp:
-
+    reader = src.open_shard(shard)
+    try:
         def out_code(rec: TensorRecord) -> str:
             if dtype != "original" and rec.dtype in FLOAT_CODES:
                 return OUT_DTYPES[dtype]
@@ -97,28 +98,28 @@ def _dequantize_shard(
         # A restored checkpoint is not an artifact: no digest. A thread writes behind the
         # compute, from a few recycled buffers.
         buffers = _Buffers()
-        with SafetensorsWriter(tmp / shard, entries, main.metadata, digest=False,
+        with SafetensorsWriter(tmp / shard, entries, reader.metadata, digest=False,
                                background=True) as w:
             for rec in records:
                 code = out_code(rec)
+                t = reader.read(rec)
                 if rec.spec is None:
-                    _copy_tensor(main, main[rec.name], w,
-                                 None if code == rec.dtype else DTYPES[code])
+                    _copy_tensor(t.file, t.info, w, None if code == rec.dtype else DTYPES[code])
                 else:
-                    _dequantize_streamed(main, sc, zp, rec, DTYPES[code], w, buffers, pool.map)
+                    _dequantize_streamed(t, DTYPES[code], w, buffers, pool.map)
                 # Progress counts the restored tensor's original bytes, like its total.
                 yield TensorResult(rec, rec.original_bytes)
+    finally:
+        reader.close()
 
 
-def _dequantize_streamed(main: SafetensorsFile, sc: SafetensorsFile, zp: SafetensorsFile,
-                         rec: TensorRecord, out_dtype: np.dtype, w: SafetensorsWriter,
+def _dequantize_streamed(t: InTensor, out_dtype: np.dtype, w: SafetensorsWriter,
                          buffers: _Buffers, mapper: Mapper) -> None:
-    """Dequantize one tensor run by run from the artifact's memory map into ``w``."""
-    assert rec.spec is not None
-    info = main[rec.name]
+    """Dequantize one tensor run by run from its source into ``w``."""
+    rec = t.record
+    assert rec.spec is not None and t.scale is not None and t.zero_point is not None
     rows, cols = rows_cols(rec.shape)
-    width = info.numel // rows if rows else 0
-    scale, zero = sc.read(rec.name), zp.read(rec.name)
+    scale, zero = t.scale, t.zero_point
     compute = compute_dtype(DTYPES[rec.dtype])
     step = max(1, streams.CHUNK_BYTES // max(1, cols * out_dtype.itemsize))
     if rows == 0 or cols == 0:
@@ -132,13 +133,13 @@ def _dequantize_streamed(main: SafetensorsFile, sc: SafetensorsFile, zp: Safeten
     check = reach >= float(ml_dtypes.finfo(out_dtype).max)  # numpy's finfo lacks bfloat16
     for a in range(0, rows, step):
         b = min(a + step, rows)
-        q = main.view(info, a * width, b * width).reshape(b - a, width)
+        q = t.rows(a, b)
         nbytes = (b - a) * cols * out_dtype.itemsize
         buf = buffers.get(nbytes)
         out = buf[:nbytes].view(out_dtype).reshape(b - a, cols)
         dequantize_rows(q, scale, zero, a, rec.shape, rec.spec, out, compute, mapper)
         if check:
-            _check_cast(out, main.path, rec.name, out_dtype)
+            _check_cast(out, t.file.path, rec.name, out_dtype)
         w.write_chunk(rec.name, out, release=functools.partial(buffers.put, buf))
 
 

@@ -47,6 +47,7 @@ class QuantizeOptions:
     source_digest: bool = False
     nan_policy: str = "error"
     force: bool = False
+    output_format: str = "qtool"  # a key of qtool.formats.registry.SINKS
 
 
 @dataclass(frozen=True)

@@ -10,34 +10,29 @@ output (or the previous complete one).
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.schemes import QuantSpec
 from qtool.formats._common import CheckpointError, TensorInfo
-from qtool.formats.manifest import MANIFEST, Manifest, TensorRecord, sidecar_names
+from qtool.formats.manifest import TensorRecord
+from qtool.formats.registry import SINKS, OutTensor, PlannedTensor, Sink
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
-from qtool.formats.writer import SafetensorsWriter
-from qtool.pipeline.plan import _SCALE_OVERFLOW, Plan, QuantizeOptions, TensorResult, make_plan
+from qtool.pipeline.plan import Plan, QuantizeOptions, TensorResult, make_plan
 from qtool.pipeline.staging import _check_output_dir, _sha256_file, _Staging
 from qtool.pipeline.streams import (
-    _absmax,
     _blas_single_threaded,
     _Buffers,
     _check_output_names,
-    _copy_tensor,
     _count_nonfinite,
     _find_nonfinite,
     _jobs,
-    _quantize_streamed,
+    quantized_chunks,
+    raw_chunks,
 )
 
 # --------------------------------------------------------------------------- quantize
@@ -72,6 +67,7 @@ class QuantizeRun:
     def _run(self) -> Iterator[TensorResult]:
         files = {p: SafetensorsFile(p) for p in self.ckpt.shards}
         stage = _Staging(self.out)
+        sink = SINKS[self.opts.output_format](stage.tmp)
         pool = ThreadPoolExecutor(max_workers=_jobs(self.opts.jobs))
         digests: dict[Path, str] = {}
         digest_thread = None
@@ -88,11 +84,11 @@ class QuantizeRun:
                 digest_thread = threading.Thread(target=digest_all, daemon=True)
                 digest_thread.start()
             records: list[TensorRecord] = []
-            file_info: dict[str, dict[str, object]] = {}
             for shard in self.ckpt.shards:
                 sf = files[shard]
                 shard_items = [it for it in items if it[0].path == shard]
-                yield from self._shard(sf, shard_items, stage.tmp, pool, records, file_info)
+                sink.open(shard, sf.metadata, [PlannedTensor(i, s) for i, s, _ in shard_items])
+                yield from self._shard_tensors(sf, shard_items, sink, pool, records)
             if digest_thread is not None:
                 digest_thread.join()
             source_files = []
@@ -107,17 +103,10 @@ class QuantizeRun:
                 source_files.append(entry)
             source = {"files": source_files,
                       "index": self.ckpt.index_path.name if self.ckpt.index_path else None}
-            index_name = None
-            if self.ckpt.index_path is not None:
-                index_name = self.ckpt.index_path.name
-                data = _write_index(stage.tmp / index_name, self.ckpt, records)
-                file_info[index_name] = {"size": len(data),
-                                         "sha256": hashlib.sha256(data).hexdigest()}
-            manifest = Manifest(source=source, tensors=records, files=file_info,
-                                shards=[p.name for p in self.ckpt.shards], index=index_name)
-            (stage.tmp / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+            sink.finish(records, source, self.ckpt.index_metadata)
             stage.commit_dir()
         except BaseException:
+            sink.abort()
             stage.discard()
             raise
         finally:
@@ -125,60 +114,27 @@ class QuantizeRun:
             for f in files.values():
                 f.close()
 
-    def _shard(
-        self,
-        sf: SafetensorsFile,
-        items: list[tuple[TensorInfo, QuantSpec | None, str | None]],
-        tmp: Path,
-        pool: ThreadPoolExecutor,
-        records: list[TensorRecord],
-        file_info: dict[str, dict[str, object]],
-    ) -> Iterator[TensorResult]:
-        name = sf.path.name
-        scale_name, zp_name = sidecar_names(name)
-        main_entries, side_entries = [], []
-        for info, spec, _ in items:
-            if spec is None:
-                main_entries.append((info.name, info.dtype, info.shape))
-            else:
-                rec = TensorRecord(info.name, name, info.dtype, info.shape, spec)
-                main_entries.append((info.name, rec.quantized_dtype, rec.stored_shape))
-                side_entries.append((info.name, rec.param_shape))
-        # The main file is the large one: a thread writes and hashes it behind the compute.
-        writers = (
-            SafetensorsWriter(tmp / name, main_entries, sf.metadata, background=True),
-            SafetensorsWriter(tmp / scale_name, [(n, "F32", s) for n, s in side_entries]),
-            SafetensorsWriter(tmp / zp_name, [(n, "I32", s) for n, s in side_entries]),
-        )
-        try:
-            yield from self._shard_tensors(sf, items, writers, pool, records)
-            for w, fname in zip(writers, (name, scale_name, zp_name), strict=True):
-                w.close()
-                file_info[fname] = {"size": w.size, "sha256": w.sha256}
-        except BaseException:
-            for w in writers:
-                w.abort()
-            raise
-
     def _shard_tensors(
         self,
         sf: SafetensorsFile,
         items: list[tuple[TensorInfo, QuantSpec | None, str | None]],
-        writers: tuple[SafetensorsWriter, SafetensorsWriter, SafetensorsWriter],
+        sink: Sink,
         pool: ThreadPoolExecutor,
         records: list[TensorRecord],
     ) -> Iterator[TensorResult]:
+        """Each tensor of one shard through the sink: copied as it is, or quantized."""
         name = sf.path.name
-        main_w, scale_w, zp_w = writers
         buffers = _Buffers()
         for info, spec, reason in items:
             if spec is None:
-                _copy_tensor(sf, info, main_w)
+                stored = sink.write(OutTensor(info, None, raw_chunks(sf, info)))
                 rec = TensorRecord(info.name, name, info.dtype, info.shape, passthrough=reason,
-                                   original_bytes=info.nbytes, stored_bytes=info.nbytes)
+                                   original_bytes=info.nbytes, stored_bytes=stored)
             else:
+                t = OutTensor(info, spec, iter(()))
+                t.chunks = quantized_chunks(sf, info, spec, buffers, pool.map, t)
                 try:
-                    qt = _quantize_streamed(sf, info, spec, main_w, buffers, pool.map)
+                    stored = sink.write(t)
                 except NonFiniteError:
                     # The kernel stops at the first bad block; count them all for the message.
                     e = NonFiniteError(_count_nonfinite(sf, info))
@@ -191,30 +147,8 @@ class QuantizeRun:
                         f"{sf.path}: tensor {info.name!r} {e}; symmetric-unsigned needs values "
                         ">= 0: use --scheme asymmetric, or --skip it"
                     ) from None
-                if not np.isfinite(qt.scale).all():
-                    raise CheckpointError(
-                        f"{sf.path}: tensor {info.name!r} {_SCALE_OVERFLOW} (absmax "
-                        f"{_absmax(sf, info):.4g}); --skip it to keep it in float")
-                scale_w.write(info.name, qt.scale)
-                zp_w.write(info.name, qt.zero_point)
-                data_bytes = math.prod(qt.shape[:1]) * qt.out_row_items * qt.out_dtype.itemsize
-                stored = data_bytes + qt.scale.nbytes + qt.zero_point.nbytes
                 rec = TensorRecord(info.name, name, info.dtype, info.shape, spec,
-                                   stats=qt.stats, original_bytes=info.nbytes,
+                                   stats=t.stats, original_bytes=info.nbytes,
                                    stored_bytes=stored)
             records.append(rec)
             yield TensorResult(rec, info.nbytes)
-
-
-def _write_index(path: Path, ckpt: Checkpoint, records: list[TensorRecord]) -> bytes:
-    """The output index: the input's layout, plus where each tensor's sidecars live."""
-    weight_map = {r.name: r.file for r in records}
-    scale_map = {r.name: sidecar_names(r.file)[0] for r in records if r.quantized}
-    zp_map = {r.name: sidecar_names(r.file)[1] for r in records if r.quantized}
-    doc = {"metadata": ckpt.index_metadata or {}, "weight_map": weight_map,
-           "scale_map": scale_map, "zero_point_map": zp_map}
-    data = (json.dumps(doc, indent=2) + "\n").encode()
-    path.write_bytes(data)
-    return data
-
-

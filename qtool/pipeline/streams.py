@@ -19,10 +19,11 @@ from qtool.core.quant import TensorQuantizer
 from qtool.core.schemes import QuantSpec
 from qtool.formats._common import CheckpointError, TensorInfo
 from qtool.formats.manifest import MANIFEST, sidecar_names
+from qtool.formats.registry import Chunk, OutTensor
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint
 from qtool.formats.writer import SafetensorsWriter
-from qtool.pipeline.plan import Plan
+from qtool.pipeline.plan import _SCALE_OVERFLOW, Plan
 
 # --------------------------------------------------------------------------- streaming
 #
@@ -111,11 +112,21 @@ def _find_nonfinite(ckpt_files: dict[Path, SafetensorsFile], plan: Plan) -> set[
             if spec is not None and _count_nonfinite(ckpt_files[info.path], info)}
 
 
-def _quantize_streamed(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec,
-                       w: SafetensorsWriter, buffers: _Buffers,
-                       mapper: Mapper) -> TensorQuantizer:
-    """Quantize one tensor run by run from its memory map into ``w``; the sidecars are
-    returned (small: one value per row or group) for the caller to write."""
+def raw_chunks(sf: SafetensorsFile, info: TensorInfo) -> Iterator[Chunk]:
+    """A tensor's bytes as they are, in runs straight from the memory map."""
+    if info.nbytes == 0:
+        return
+    for a, b in _runs(info.numel, info.np_dtype.itemsize):
+        yield sf.view(info, a, b), None
+
+
+def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buffers: _Buffers,
+                     mapper: Mapper, out: OutTensor) -> Iterator[Chunk]:
+    """Quantize one tensor run by run from its memory map, yielding the stored integers; at
+    the end ``out`` gets the parameters (small: one value per row or group) and statistics.
+
+    Raises NonFiniteError / NegativeValuesError from the core, and CheckpointError when a
+    scale overflows float32 (the stored sidecar's dtype)."""
     tq = TensorQuantizer(info.shape, info.np_dtype, spec)
     cols = tq.cols
 
@@ -129,10 +140,14 @@ def _quantize_streamed(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec,
     for a, b in tq.chunks(max_elements):
         nbytes = (b - a) * width * tq.out_dtype.itemsize
         buf = buffers.get(nbytes)
-        out = buf[:nbytes].view(tq.out_dtype).reshape(b - a, width)
-        tq.run(rows_of(a, b), a, out, mapper)
-        w.write_chunk(info.name, out, release=functools.partial(buffers.put, buf))
-    return tq
+        q = buf[:nbytes].view(tq.out_dtype).reshape(b - a, width)
+        tq.run(rows_of(a, b), a, q, mapper)
+        yield q, functools.partial(buffers.put, buf)
+    if not np.isfinite(tq.scale).all():
+        raise CheckpointError(
+            f"{sf.path}: tensor {info.name!r} {_SCALE_OVERFLOW} (absmax "
+            f"{_absmax(sf, info):.4g}); --skip it to keep it in float")
+    out.scale, out.zero_point, out.stats = tq.scale, tq.zero_point, tq.stats
 
 
 def _check_output_names(ckpt: Checkpoint) -> None:

@@ -1,0 +1,112 @@
+"""The native artifact as a sink: per input shard, ``<stem>.safetensors`` (integers and kept
+tensors), ``<stem>.scale.safetensors`` and ``<stem>.zero_point.safetensors``; at the end the
+index (for a sharded input) and ``qtool.json`` (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qtool.core.shapes import param_shape, stored_shape
+from qtool.formats.manifest import MANIFEST, Manifest, TensorRecord, sidecar_names
+from qtool.formats.registry import OutTensor, PlannedTensor
+from qtool.formats.writer import SafetensorsWriter
+
+SCALE_CODE, ZERO_POINT_CODE = "F32", "I32"
+
+
+def quantized_code(t: PlannedTensor) -> str:
+    """dtype code of the stored integers: U8 bytes when packed, else the scheme's int type."""
+    assert t.spec is not None
+    if t.spec.packed:
+        return "U8"
+    return "I8" if t.spec.signed else "U8"
+
+
+class NativeSink:
+    """Writes the qtool artifact into ``root`` (a staging directory)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, dict[str, object]] = {}
+        self.shards: list[str] = []
+        self._writers: tuple[SafetensorsWriter, ...] = ()
+        self._names: tuple[str, ...] = ()
+
+    def open(self, shard: Path, metadata: dict[str, str] | None,
+             tensors: Sequence[PlannedTensor]) -> None:
+        self._close_shard()
+        name = shard.name
+        scale_name, zp_name = sidecar_names(name)
+        main_entries, side_entries = [], []
+        for t in tensors:
+            if t.spec is None:
+                main_entries.append((t.info.name, t.info.dtype, t.info.shape))
+            else:
+                main_entries.append((t.info.name, quantized_code(t),
+                                     stored_shape(t.info.shape, t.spec)))
+                side_entries.append((t.info.name, param_shape(t.info.shape, t.spec)))
+        # The main file is the large one: a thread writes and hashes it behind the compute.
+        self._writers = (
+            SafetensorsWriter(self.root / name, main_entries, metadata, background=True),
+            SafetensorsWriter(self.root / scale_name,
+                              [(n, SCALE_CODE, s) for n, s in side_entries]),
+            SafetensorsWriter(self.root / zp_name,
+                              [(n, ZERO_POINT_CODE, s) for n, s in side_entries]),
+        )
+        self._names = (name, scale_name, zp_name)
+        self.shards.append(name)
+
+    def write(self, tensor: OutTensor) -> int:
+        main_w, scale_w, zp_w = self._writers
+        name = tensor.info.name
+        pieces = 0
+        for arr, release in tensor.chunks:
+            pieces += 1
+            main_w.write_chunk(name, arr, release=release)
+        if not pieces:  # an empty tensor: its header entry still needs its (empty) data
+            main_w.write(name, b"")
+        if tensor.spec is None:
+            return tensor.info.nbytes
+        assert tensor.scale is not None and tensor.zero_point is not None
+        scale_w.write(name, tensor.scale)
+        zp_w.write(name, tensor.zero_point)
+        stored = math.prod(stored_shape(tensor.info.shape, tensor.spec))  # one byte per item
+        return stored + tensor.scale.nbytes + tensor.zero_point.nbytes
+
+    def _close_shard(self) -> None:
+        for w, fname in zip(self._writers, self._names, strict=True):
+            w.close()
+            self.files[fname] = {"size": w.size, "sha256": w.sha256}
+        self._writers, self._names = (), ()
+
+    def finish(self, records: list[TensorRecord], source: dict[str, Any],
+               index_metadata: dict | None) -> None:
+        self._close_shard()
+        index_name = source.get("index")
+        if index_name is not None:
+            data = _index_bytes(records, index_metadata)
+            (self.root / index_name).write_bytes(data)
+            self.files[index_name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest = Manifest(source=source, tensors=records, files=self.files,
+                            shards=self.shards, index=index_name)
+        (self.root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+
+    def abort(self) -> None:
+        for w in self._writers:
+            w.abort()
+        self._writers, self._names = (), ()
+
+
+def _index_bytes(records: list[TensorRecord], metadata: dict | None) -> bytes:
+    """The output index: the input's layout, plus where each tensor's sidecars live."""
+    weight_map = {r.name: r.file for r in records}
+    scale_map = {r.name: sidecar_names(r.file)[0] for r in records if r.quantized}
+    zp_map = {r.name: sidecar_names(r.file)[1] for r in records if r.quantized}
+    doc = {"metadata": metadata or {}, "weight_map": weight_map,
+           "scale_map": scale_map, "zero_point_map": zp_map}
+    return (json.dumps(doc, indent=2) + "\n").encode()
