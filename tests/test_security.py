@@ -4,7 +4,7 @@ Every case builds its file here, runs qtool as a user would, and checks the whol
 exit 2, exactly one ``qtool: error: ...`` line on stderr that names the file (and the tensor
 where there is one) and says what is wrong, no traceback, nothing written (no output, no
 leftover temporary directory), and every input file's bytes and mtime unchanged.
-The reader-level corpus (more byte-level variants) is in tests/test_io.py.
+The reader-level corpus (more byte-level variants) is in tests/formats/test_io.py.
 """
 
 from __future__ import annotations
