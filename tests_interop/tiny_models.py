@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -53,13 +54,16 @@ def make_tiny_llama(out: Path, seed: int = 0, max_shard_size: str | None = None)
     return _save(model, _tokenizer("<s>", "</s>", {}), Path(out), max_shard_size)
 
 
-def make_tiny_bert(out: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
-    """A 2-layer BERT (hidden 64, intermediate 128, 4 heads) with its MLM head in ``out``."""
+def make_tiny_bert(out: Path, seed: int = 0, max_shard_size: str | None = None,
+                   mlm_head: bool = False) -> Path:
+    """A 2-layer BERT (hidden 64, intermediate 128, 4 heads) in ``out``: a ``BertModel``
+    (loads cleanly with ``AutoModel``), or with ``mlm_head`` a ``BertForMaskedLM`` (whose
+    decoder is tied to the word embeddings)."""
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
                      pad_token_id=0)
-    model = BertForMaskedLM(cfg).to(torch.float32).eval()
+    model = (BertForMaskedLM if mlm_head else BertModel)(cfg).to(torch.float32).eval()
     tok = _tokenizer("[CLS]", "[SEP]", {"cls_token": "[CLS]", "sep_token": "[SEP]",
                                         "mask_token": "[MASK]"})
     return _save(model, tok, Path(out), max_shard_size)

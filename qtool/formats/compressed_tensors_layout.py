@@ -151,8 +151,16 @@ def default_format(args: WeightArgs) -> str:
     return INT_QUANTIZED if args.num_bits == 8 else PACK_QUANTIZED
 
 
-def exact_target(module_name: str) -> str:
-    """A ``re:`` target matching exactly ``module_name`` (the library uses ``re.match``)."""
+def exact_target(module_name: str, optional_prefix: str | None = None) -> str:
+    """A ``re:`` target matching exactly ``module_name`` (the library uses ``re.match``).
+
+    With ``optional_prefix`` (a model's ``base_model_prefix``, e.g. ``model``, ``bert``) a
+    name starting with it also matches without it: transformers drops that prefix when a
+    checkpoint is loaded into the bare model class (``AutoModel`` on a ``...ForCausalLM``).
+    """
+    if optional_prefix and module_name.startswith(optional_prefix + "."):
+        rest = module_name[len(optional_prefix) + 1:]
+        return f"re:(?:{re.escape(optional_prefix)}\\.)?{re.escape(rest)}$"
     return "re:" + re.escape(module_name) + "$"
 
 
