@@ -42,7 +42,7 @@ ISTAMP := $(IVENV)/.installed
 
 install-interop: $(ISTAMP)
 
-$(ISTAMP): pyproject.toml setup.py qtool/_kernels.c
+$(ISTAMP): pyproject.toml setup.py qtool/core/_kernels.c
 	$(PYTHON) -m venv $(IVENV)
 	$(IBIN)/pip install -q --upgrade pip
 	$(IBIN)/pip install -q torch==2.13.0

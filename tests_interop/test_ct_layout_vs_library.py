@@ -19,10 +19,10 @@ from compressed_tensors.compressors.pack_quantized.helpers import (
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 from transformers import CompressedTensorsConfig
 
+from qtool.core.quant import dequantize, quantize
+from qtool.core.schemes import QuantSpec
 from qtool.formats import compressed_tensors_layout as L
 from qtool.formats import compressed_tensors_read as R
-from qtool.quant import dequantize, quantize
-from qtool.schemes import QuantSpec
 
 SHAPES = [(1, 1), (3, 31), (9, 32), (2, 33), (17, 100), (40, 7)]
 

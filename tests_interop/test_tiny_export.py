@@ -15,9 +15,9 @@ from safetensors.numpy import load_file, save_file
 from tiny_models import make_tiny_bert, make_tiny_llama, sample_inputs
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from qtool.core.quant import dequantize, quantize
+from qtool.core.schemes import QuantSpec
 from qtool.formats import compressed_tensors_layout as L
-from qtool.quant import dequantize, quantize
-from qtool.schemes import QuantSpec
 
 
 def export(src: Path, dst: Path, spec_for, prefix: str | None = None,
@@ -140,7 +140,9 @@ def test_without_per_group_format_8bit_does_not_load(llama, tmp_path):
     pack-quantized for weight-only int schemes: int8 `weight` tensors then fail at the first
     forward. Hence build_quantization_config writes every group's `format`."""
     export(llama, tmp_path / "q", CASES["8bit-channel"], per_group_format=False)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert "lm_head.weight" in info["unexpected_keys"]
     with pytest.raises(RuntimeError), torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]))
 

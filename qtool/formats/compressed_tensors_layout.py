@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qtool import packing
+from qtool.core import packing
 
 INT_QUANTIZED = "int-quantized"
 NAIVE_QUANTIZED = "naive-quantized"

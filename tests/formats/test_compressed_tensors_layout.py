@@ -11,10 +11,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from qtool.core.quant import dequantize, quantize
+from qtool.core.schemes import QuantSpec
 from qtool.formats import compressed_tensors_layout as L
 from qtool.formats import compressed_tensors_read as R
-from qtool.quant import dequantize, quantize
-from qtool.schemes import QuantSpec
 
 
 def i32(*words: int) -> np.ndarray:
@@ -119,7 +119,7 @@ def test_symmetric_unsigned_is_asymmetric_with_zero_point_minus_half():
 def test_asymmetric_4bit_codes_are_qtools_q_and_zero_points_pack_down_columns():
     q = np.array([[15, 0, 8, 1], [1, 2, 3, 4], [0, 0, 0, 0]], np.uint8)
     zp = np.array([[1], [2], [3]], np.int32)
-    from qtool import packing
+    from qtool.core import packing
     args, t = L.qtool_to_ct(packing.pack(q, 4), np.ones((3, 1), np.float32), zp,
                             scheme="asymmetric", bits=4, granularity="channel", shape=(3, 4))
     assert args == L.WeightArgs(4, False, "channel")
