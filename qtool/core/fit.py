@@ -44,11 +44,11 @@ DEFAULT_RATIOS: tuple[float, ...] = (0.9, 0.8, 0.7)
 LOW_BIT_RATIOS: tuple[float, ...] = (0.85, 0.7, 0.55, 0.4)
 # Requantize-and-refit rounds after the best candidate is chosen (Lloyd iterations): the
 # refitted scale rounds some values to other integers, which a second refit can use.
-DEFAULT_ROUNDS = 2
+DEFAULT_ROUNDS = 3
 
 # Values per tile: each tile goes through every candidate while it is in the core's cache
 # (a handful of temporaries of this size, ~1 MB in float32).
-TILE_ELEMS = 1 << 15
+TILE_ELEMS = 1 << 17
 # Rows no longer than this are processed transposed, (n, rows): numpy reduces a short inner
 # axis row by row (~2 ns per value for a min over 32), but an outer axis with SIMD over the
 # rows (~0.15 ns); the transposed copy costs ~0.7 ns once.
@@ -137,7 +137,7 @@ def fit_search(
     bits: int,
     scheme: str = "asymmetric",
     *,
-    weighted: bool = True,
+    weighted: bool = False,
     ratios: tuple[float, ...] | None = None,
     rounds: int = DEFAULT_ROUNDS,
 ) -> Fit:
@@ -243,22 +243,43 @@ def _lsq(sums: np.ndarray, g: np.ndarray, qmax: int, asym: bool
     """
     sq, sqq, sqx = sums[..., 0, :], sums[..., 1, :], sums[..., 2, :]
     sw, swx, swxx = g
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if asym:
-            det = sw * sqq - sq * sq
-            s = (sw * sqx - swx * sq) / det
-            m = (sqq * swx - sq * sqx) / det
-            zp = np.clip(np.rint(-m / s), 0, qmax)
-            zp = np.where(np.isfinite(zp) & (det > 0) & (s > 0), zp, 0.0)
-        else:
-            zp = np.zeros_like(sqq)
+
+    def refit(zp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         suu = sqq - 2.0 * zp * sq + zp * zp * sw
         sux = sqx - zp * swx
         s = sux / suu
         err = swxx - sux * s
-    ok = (suu > 0) & (s > 0) & np.isfinite(s) & np.isfinite(err)
-    s = np.where(ok, np.maximum(s, MIN_SCALE), 1.0)
-    return s, zp, np.where(ok, err, np.inf)
+        ok = (suu > 0) & (s > 0) & np.isfinite(s) & np.isfinite(err)
+        return np.where(ok, np.maximum(s, MIN_SCALE), 1.0), np.where(ok, err, np.inf)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if not asym:
+            zp = np.zeros_like(sqq)
+            s, err = refit(zp)
+            return s, zp, err
+        det = sw * sqq - sq * sq
+        s = (sw * sqx - swx * sq) / det
+        m = (sqq * swx - sq * sqx) / det
+        # The error is a convex quadratic in the zero point (with the scale refitted), so the
+        # best integer is one of the two around the continuous optimum: try both.
+        z = np.where((det > 0) & (s > 0), -m / s, 0.0)
+        z = np.where(np.isfinite(z), z, 0.0)
+        z_lo = np.clip(np.floor(z), 0, qmax)
+        z_hi = np.clip(z_lo + 1, 0, qmax)
+        s_lo, e_lo = refit(z_lo)
+        s_hi, e_hi = refit(z_hi)
+    up = e_hi < e_lo
+    return np.where(up, s_hi, s_lo), np.where(up, z_hi, z_lo), np.where(up, e_hi, e_lo)
+
+
+def _grid(lo: np.ndarray, hi: np.ndarray, qmax: int, asym: bool
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point of a range, exactly as qtool.schemes.qparams computes
+    them (lo <= 0 <= hi; symmetric: lo = -hi, unsigned: lo = 0)."""
+    span = (hi - lo) / qmax if asym else hi / qmax
+    s = np.where(span == 0, 1.0, np.maximum(span, MIN_SCALE)).astype(np.float32)
+    z = np.clip(np.rint(-lo / s.astype(np.float64)), 0, qmax) if asym else np.zeros(lo.shape)
+    return s, z
 
 
 def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
@@ -297,23 +318,19 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
         lo = -hi
     else:
         lo, hi = np.zeros(r), np.maximum(mx, 0.0)
-    # qtool's min-max parameters, exactly as qtool.schemes.qparams computes them.
-    span = (hi - lo) / qmax if asym else hi / qmax
-    s0 = np.where(span == 0, 1.0, np.maximum(span, MIN_SCALE)).astype(np.float32)
-    z0 = np.clip(np.rint(-lo / s0.astype(np.float64)), 0, qmax) if asym else np.zeros(r)
-    width = hi - lo if asym else hi
+    # qtool's min-max parameters.
+    s0, z0 = _grid(lo, hi, qmax, asym)
 
-    # Phase 2: every candidate grid on every tile while it is in cache. Candidate 0 is the
-    # exact min-max grid (its error, e0, is measured directly: it is the guarantee); the
-    # others are the range shrunk about zero by each ratio, rounded k-quants style with a
-    # continuous offset (the refit chooses the integer zero point afterwards).
+    # Phase 2: every candidate grid on every tile while it is in cache. A candidate is qtool's
+    # own grid for the min-max range shrunk about zero by a ratio (as ``--range mse`` tries),
+    # rounded by qtool's formula; its integers then get the least-squares scale and zero
+    # point, whose error can only be lower than the grid's own (the grid is one feasible
+    # choice). Candidate 0 is min-max itself; its exact error e0 is measured: the guarantee.
     k = len(ratios) + 1
     sums = np.zeros((k, 3, r))
     g = np.zeros((3, r))  # Sw, Swx, Swxx
     e0 = np.zeros(r)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(width > 0, qmax / width, 0.0)
-    off = -lo * inv if asym else None
+    grids = [(s0, z0)] + [_grid(lo * c, hi * c, qmax, asym) for c in ratios]
     rms = np.sqrt(sxx / n)
     for tile in tiles():
         xt = tile.x
@@ -328,17 +345,12 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
             g[0] += xt.shape[0 if tile.t else 1]
             g[1] += tile.sum(xt)
             g[2] += tile.dot(xt, xt)
-        with np.errstate(over="ignore"):
-            _requant(tile, s0, z0, qmin, qmax, t)
-        _wsums(tile, t, wq, sums[0])
-        e0 += _werr(tile, t, s0, z0, wq)
-        for c, ratio in enumerate(ratios, start=1):
-            np.multiply(xt, tile.bc(inv / ratio), out=t)
-            if asym:
-                np.add(t, tile.bc(off), out=t)
-            np.rint(t, out=t)
-            np.clip(t, qmin, qmax, out=t)
+        for c, (sc, zc) in enumerate(grids):
+            with np.errstate(over="ignore"):
+                _requant(tile, sc, zc, qmin, qmax, t)
             _wsums(tile, t, wq, sums[c])
+            if c == 0:
+                e0 += _werr(tile, t, s0, z0, wq)
     s, zp, err = _lsq(sums, g, qmax, asym)
     # The best candidate per row (the first one on ties: min-max is candidate 0).
     best = np.argmin(err, axis=0)
@@ -348,7 +360,8 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
     # Phase 3: requantize with the chosen parameters by qtool's formula and measure the
     # exact error; each round also refits the scale and zero point to the new integers.
     best_s, best_z, best_e = s0, z0, e0
-    for _ in range(rounds):
+    for i in range(rounds):
+        last = i == rounds - 1
         s32 = s.astype(np.float32)
         e = np.zeros(r)
         rs = np.zeros((1, 3, r))
@@ -357,12 +370,14 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
             wq = np.empty_like(tile.x)
             with np.errstate(over="ignore"):
                 _requant(tile, s32, zp, qmin, qmax, t)
-            _wsums(tile, t, wq, rs[0])
+            if not last:  # the last round's integers need no refit
+                _wsums(tile, t, wq, rs[0])
             e += _werr(tile, t, s32, zp, wq)
         better = e < best_e  # strict: min-max keeps every tie
         best_s = np.where(better, s32, best_s)
         best_z = np.where(better, zp, best_z)
         best_e = np.where(better, e, best_e)
-        s, zp, _ = _lsq(rs, g, qmax, asym)
-        s, zp = s[0], zp[0]
+        if not last:
+            s, zp, _ = _lsq(rs, g, qmax, asym)
+            s, zp = s[0], zp[0]
     return best_s, best_z.astype(np.int32), best_e, e0
