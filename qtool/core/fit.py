@@ -83,7 +83,9 @@ def limits(bits: int, scheme: str) -> tuple[int, int]:
 
 
 def importance(x: np.ndarray) -> np.ndarray:
-    """k-quants' weights for a (units, n) array: ``sqrt(mean(x**2)) + |x|`` per row.
+    """k-quants' weights for a (units, n) array, ``sqrt(mean(x**2)) + |x|`` per row, divided
+    by the row's rms (a per-row constant changes no choice, and keeps sums in float32 range):
+    ``1 + |x| / rms``. float64.
 
     Large values weigh up to several times more than small ones: their error counts more for
     the layer's output, and a fit that sacrifices them to the bulk (clipping too hard) is
@@ -92,7 +94,9 @@ def importance(x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x)
     rms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64) / max(x.shape[1], 1))
-    return (rms[:, None] + np.abs(x.astype(np.float64))).astype(x.dtype)
+    with np.errstate(divide="ignore"):
+        inv = np.where(rms > 0, 1.0 / rms, 0.0)
+    return 1.0 + (np.abs(x) * inv.astype(x.dtype)[:, None]).astype(np.float64)
 
 
 def quantize_rows(
@@ -225,9 +229,16 @@ def _werr(tile: _Tile, q: np.ndarray, s32: np.ndarray, zp: np.ndarray, d: np.nda
     np.subtract(q, tile.bc(zp), out=d)
     np.multiply(d, tile.bc(s32), out=d)
     np.subtract(d, tile.x, out=d)
-    if tile.wt is None:
-        return tile.dot(d, d)
-    return tile.dot(tile.wt * d, d)
+    e = tile.dot(d, d) if tile.wt is None else tile.dot(tile.wt * d, d)
+    # A float32 square underflows below ~1e-23 and overflows above ~1e19: such rows are
+    # summed again in float64 (rare; this error is what "never worse than min-max" rests on).
+    redo = ~np.isfinite(e) | (e < 1e-30)
+    if redo.any():
+        d64 = d.astype(np.float64)
+        if tile.wt is not None:
+            d64 *= np.sqrt(tile.wt)
+        e = np.where(redo, tile.dot(d64, d64), e)
+    return e
 
 
 def _lsq(sums: np.ndarray, g: np.ndarray, qmax: int, asym: bool
@@ -291,13 +302,14 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
     spans = [slice(c, min(n, c + step)) for c in range(0, n, step)]
     # The common case is one tile: prepared once (copy, weights) and reused in every phase.
     cached = _Tile(x) if len(spans) == 1 else None
-    rms: np.ndarray | None = None  # known after phase 1; then tiles carry their weights
+    inv_rms: np.ndarray | None = None  # known after phase 1; then tiles carry their weights
 
     def tiles() -> Iterator[_Tile]:
         for sp in spans:
             tile = cached if cached is not None else _Tile(x[:, sp])
-            if weighted and rms is not None and tile.wt is None:
-                tile.wt = np.add(np.abs(tile.x), tile.bc(rms))
+            if weighted and inv_rms is not None and tile.wt is None:
+                tile.wt = np.multiply(np.abs(tile.x), tile.bc(inv_rms))
+                np.add(tile.wt, 1.0, out=tile.wt)
             yield tile
 
     # Phase 1: the min-max range, and sum(x**2) for the weights.
@@ -308,6 +320,8 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
         mn = np.minimum(mn, tile.reduce(np.minimum))
         mx = np.maximum(mx, tile.reduce(np.maximum))
         sxx += tile.dot(tile.x, tile.x)
+    if not np.all(np.isfinite(sxx) & ((sxx > 1e-30) | ((mn == 0) & (mx == 0)))):
+        sxx = np.einsum("ij,ij->i", x, x, dtype=np.float64)  # float32 over/underflow
     bad = ~(np.isfinite(mn) & np.isfinite(mx))
     if bad.any():
         raise ValueError(f"cannot fit: {int(bad.sum())} row(s) contain NaN or inf")
@@ -331,7 +345,8 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
     g = np.zeros((3, r))  # Sw, Swx, Swxx
     e0 = np.zeros(r)
     grids = [(s0, z0)] + [_grid(lo * c, hi * c, qmax, asym) for c in ratios]
-    rms = np.sqrt(sxx / n)
+    with np.errstate(divide="ignore"):
+        inv_rms = np.where(sxx > 0, 1.0 / np.sqrt(sxx / n), 0.0)
     for tile in tiles():
         xt = tile.x
         t = np.empty_like(xt)
