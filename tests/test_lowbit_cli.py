@@ -2,7 +2,7 @@
 files. Every check reads the files qtool wrote with the safetensors library (or by hand) and
 recomputes the expected values here with numpy from the formulas in README.md and
 docs/FORMAT.md; packed integers are unpacked by a reader written from docs/FORMAT.md's
-*Packing* section alone, not with qtool.packing."""
+*Packing* section alone, not with qtool.core.packing."""
 
 from __future__ import annotations
 

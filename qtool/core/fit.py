@@ -14,7 +14,7 @@ This module is our own vectorized numpy version, adapted to what qtool stores:
 Input: a 2-D array (units, n), one range unit (tensor, channel or group) per row, in the
 compute dtype of the quantizer (float32, or float64 for F64 tensors). Output: per row a float32
 scale (finite, > 0) and an int32 zero point; :func:`fit_range` turns them into a ``(lo, hi)``
-that ``qtool.schemes.qparams`` maps back to the same scale and zero point bit for bit, so the
+that ``qtool.core.schemes.qparams`` maps back to the same scale and zero point bit for bit, so the
 fit plugs into the existing range-then-qparams pipeline.
 
 Numeric core: numpy only, no files, no terminal.
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FIT_SCHEMES = ("symmetric", "symmetric-unsigned", "asymmetric")
-# As in qtool.schemes: the smallest scale ever stored (a zero scale would give inf/NaN).
+# As in qtool.core.schemes: the smallest scale ever stored (a zero scale would give inf/NaN).
 MIN_SCALE = float(np.finfo(np.float32).tiny)
 
 # Candidate grids, as clip ratios of the min-max range (1.0 = min-max itself). Why these:
@@ -72,7 +72,7 @@ class Fit:
 
 
 def limits(bits: int, scheme: str) -> tuple[int, int]:
-    """(qmin, qmax) of a scheme at ``bits``, as in qtool.schemes.QuantSpec."""
+    """(qmin, qmax) of a scheme at ``bits``, as in qtool.core.schemes.QuantSpec."""
     if scheme not in FIT_SCHEMES:
         raise ValueError(f"search fits {', '.join(FIT_SCHEMES)}; not {scheme!r}")
     if not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -104,7 +104,7 @@ def quantize_rows(
 ) -> np.ndarray:
     """qtool's quantize formula, per row: ``clip(rint(x / scale) + zero_point, qmin, qmax)``.
 
-    Computed in x's dtype with the scale cast to it, as qtool.schemes.quantize_values does, so
+    Computed in x's dtype with the scale cast to it, as qtool.core.schemes.quantize_values does, so
     the result is the q qtool stores for these parameters.
     """
     qmin, qmax = limits(bits, scheme)
@@ -117,7 +117,7 @@ def quantize_rows(
 
 
 def fit_range(fit: Fit, bits: int, scheme: str) -> tuple[np.ndarray, np.ndarray]:
-    """A ``(lo, hi)`` (float64) per row from which ``qtool.schemes.qparams`` computes exactly
+    """A ``(lo, hi)`` (float64) per row from which ``qtool.core.schemes.qparams`` computes exactly
     ``fit.scale`` and ``fit.zero_point`` (for use where the pipeline expects a range).
 
     qparams takes ``float32((hi - lo) / qmax)`` (asymmetric) or ``float32(max|.| / qmax)``
@@ -285,7 +285,7 @@ def _lsq(sums: np.ndarray, g: np.ndarray, qmax: int, asym: bool
 
 def _grid(lo: np.ndarray, hi: np.ndarray, qmax: int, asym: bool
           ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point of a range, exactly as qtool.schemes.qparams computes
+    """Scale (float32) and zero point of a range, exactly as qtool.core.schemes.qparams computes
     them (lo <= 0 <= hi; symmetric: lo = -hi, unsigned: lo = 0)."""
     span = (hi - lo) / qmax if asym else hi / qmax
     s = np.where(span == 0, 1.0, np.maximum(span, MIN_SCALE)).astype(np.float32)

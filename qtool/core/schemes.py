@@ -88,7 +88,7 @@ class QuantSpec:
 
     @property
     def packed(self) -> bool:
-        """Below 8 bits the values are bit-packed (see qtool.packing)."""
+        """Below 8 bits the values are bit-packed (see qtool.core.packing)."""
         return self.bits < 8
 
     def as_dict(self) -> dict[str, object]:

@@ -10,12 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from qtool.core import fit as F
-from qtool.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
-
-try:  # after the restructure
-    from qtool.core.ranges import find_range
-except ImportError:
-    from qtool.ranges import find_range
+from qtool.core.ranges import find_range
+from qtool.core.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
 
 SCHEMES = ("asymmetric", "symmetric", "symmetric-unsigned")
 
