@@ -15,6 +15,10 @@ import numpy as np
 SCHEMES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
 GRANULARITIES = ("tensor", "channel", "group")
 RANGE_METHODS = ("minmax", "percentile", "mse")
+# Dtypes a scale may be stored in (format_version 2). "auto" is resolved per tensor by the
+# planner (the source dtype for F16/BF16, float32 otherwise) before a QuantSpec is built.
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+SCALE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # gnmt divides by the row's absmax; an all-zero row uses this instead, so its scale is 1.
 GNMT_ZERO_ROW_ABSMAX = 127.0
@@ -36,6 +40,7 @@ class QuantSpec:
     group_size: int = 128
     range: str = "minmax"
     percentile: float = 99.99
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -59,6 +64,9 @@ class QuantSpec:
                 object.__setattr__(self, "granularity", "channel")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise SpecError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SpecError(f"unknown scale_dtype {self.scale_dtype!r}; "
+                            f"choose one of {', '.join(SCALE_DTYPES)}")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SpecError(f"percentile must be in (50, 100], got {self.percentile!r}")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from qtool.core import packing
-from qtool.core.schemes import QuantSpec
+from qtool.core.schemes import SCALE_ITEMSIZE, QuantSpec
 
 
 def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -42,3 +42,30 @@ def stored_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
         return tuple(shape)
     rows, cols = rows_cols(shape)
     return (rows, packing.packed_row_bytes(cols, spec.bits))
+
+
+def zero_point_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    """Shape of the stored zero points (format_version 2): one value (0-d) for the symmetric
+    schemes, whose zero point is always the same; for asymmetric, one per range unit, bit-packed
+    along each row like q below 8 bits (one byte per value at 8 bits)."""
+    if spec.scheme != "asymmetric":
+        return ()
+    p = param_shape(shape, spec)
+    if spec.packed and len(p) == 2:
+        return (p[0], packing.packed_row_bytes(p[1], spec.bits))
+    return p
+
+
+def stored_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Bytes a quantized tensor occupies (format_version 2): the integers, the scales in
+    ``spec.scale_dtype`` and the zero points (one byte per stored item). Bits per weight is
+    ``8 * stored_bytes / numel``."""
+    return (math.prod(stored_shape(shape, spec))
+            + math.prod(param_shape(shape, spec)) * SCALE_ITEMSIZE[spec.scale_dtype]
+            + math.prod(zero_point_shape(shape, spec)))
+
+
+def bits_per_weight(shape: tuple[int, ...], spec: QuantSpec) -> float:
+    """``8 * stored_bytes / weights``: what one weight costs on disk, sidecars included."""
+    n = math.prod(shape)
+    return 8.0 * stored_bytes(shape, spec) / n if n else 0.0
