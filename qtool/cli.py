@@ -202,6 +202,33 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, f
 
 @cli.command()
 @click.argument("art_dir", type=FilePath())
+@click.argument("out_dir", type=FilePath())
+@click.option("--to", "to", type=click.Choice(["compressed-tensors"]), required=True,
+              help="The layout to write (docs/EXPORT.md).")
+@click.option("--model-dir", type=FilePath(), default=None,
+              help="The Hugging Face model folder (config.json, tokenizer, ...); default: the "
+                   "one recorded when the artifact was quantized.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in OUT_DIR.")
+@click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
+def export(art_dir: Path, out_dir: Path, to: str, model_dir: Path | None, force: bool,
+           quiet: bool) -> int:
+    """Write the artifact ART_DIR as a model folder OUT_DIR that transformers and vLLM load:
+    config.json with a quantization_config, the weights, every other file of the model."""
+    from qtool.pipeline.export import export_artifact
+
+    t0 = time.perf_counter()
+    res = export_artifact(art_dir, out_dir, to, model_dir, force)
+    console = _err_console(quiet)
+    for w in res.warnings:
+        console.print(f"qtool: warning: {w}", markup=False, soft_wrap=True)
+    console.print(f"exported {res.modules} quantized modules ({res.shards} shard"
+                  f"{'s' if res.shards != 1 else ''}, {len(res.copied)} other files) into "
+                  f"{out_dir} in {time.perf_counter() - t0:.2f} s", markup=False, soft_wrap=True)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("art_dir", type=FilePath())
 @click.option("--quiet", "-q", is_flag=True, help="Print only the problems, if any.")
 def verify(art_dir: Path, quiet: bool) -> int:
     """Check the artifact ART_DIR: every file's size and sha256 against qtool.json, every

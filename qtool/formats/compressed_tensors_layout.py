@@ -201,7 +201,8 @@ def build_quantization_config(groups: Sequence[tuple[Sequence[str], WeightArgs]]
 # --- decompression ---------------------------------------------------------------------------
 
 def _scale_dtype(s: np.ndarray, where: str) -> str:
-    name = s.dtype.name
+    # uint16 holds bfloat16 scales as bit patterns (readers that do without ml_dtypes)
+    name = "bfloat16" if s.dtype == np.uint16 else s.dtype.name
     if name not in ("float16", "bfloat16", "float32", "float64"):
         raise ValueError(f"{where}.weight_scale must be float16, bfloat16, float32 or float64, "
                          f"got {name}")
@@ -210,7 +211,7 @@ def _scale_dtype(s: np.ndarray, where: str) -> str:
 
 def _as_compute(s: np.ndarray) -> np.ndarray:
     """Scales as float32 (float64 for float64), exactly."""
-    if s.dtype.name == "bfloat16":  # ml_dtypes' type, read by its bits
+    if s.dtype.name == "bfloat16" or s.dtype == np.uint16:  # read by its bits
         return (np.ascontiguousarray(s).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return s.astype(np.float64 if s.dtype == np.float64 else np.float32)
 
@@ -306,7 +307,8 @@ def qtool_to_ct(data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, *, 
     if scale.shape != pshape or zp.shape != pshape:
         raise ValueError(f"scale {list(scale.shape)} / zero point {list(zp.shape)} do not have "
                          f"the shape {list(pshape)} of granularity {granularity}")
-    if scale.dtype.kind != "f" and scale.dtype.name != "bfloat16":
+    if scale.dtype.kind != "f" and scale.dtype.name != "bfloat16" and scale.dtype != np.uint16:
+        # uint16: bfloat16 scales as bit patterns (kept as they are)
         raise ValueError(f"scale must be floats, got {scale.dtype}")
     half = 1 << (bits - 1)
     if signed:

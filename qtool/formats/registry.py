@@ -130,7 +130,14 @@ def _native_source(root: Path) -> Source:
     return NativeSource.open(root)
 
 
-# The table of formats: name -> factory. The native artifact is both; foreign layouts
-# (compressed-tensors) are added here as they are written.
-SINKS: dict[str, Callable[[Path], Sink]] = {"qtool": _native_sink}
+def _ct_sink(root: Path) -> Sink:
+    from qtool.formats.compressed_tensors_sink import CompressedTensorsSink
+
+    return CompressedTensorsSink(root)
+
+
+# The table of formats: name -> factory. The native artifact is both; compressed-tensors is a
+# sink (`qtool export`); its folders are read by pipeline/foreign.py (`dequantize`, `report`).
+SINKS: dict[str, Callable[[Path], Sink]] = {"qtool": _native_sink,
+                                           "compressed-tensors": _ct_sink}
 SOURCES: dict[str, Callable[[Path], Source]] = {"qtool": _native_source}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.schemes import QuantSpec
+from qtool.formats import hf_folder
 from qtool.formats._common import CheckpointError, TensorInfo
 from qtool.formats.manifest import TensorRecord
 from qtool.formats.registry import SINKS, OutTensor, PlannedTensor, Sink
@@ -103,6 +104,9 @@ class QuantizeRun:
                 source_files.append(entry)
             source = {"files": source_files,
                       "index": self.ckpt.index_path.name if self.ckpt.index_path else None}
+            if hf_folder.is_model_folder(self.ckpt.root):
+                # Where the model's config and tokenizer are, for `qtool export` (not copied).
+                source["model_folder"] = hf_folder.describe(self.ckpt.root)
             sink.finish(records, source, self.ckpt.index_metadata)
             stage.commit_dir()
         except BaseException:
