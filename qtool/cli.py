@@ -183,12 +183,22 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
 def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, force: bool,
                quiet: bool) -> int:
-    """Restore a float checkpoint from the artifact ART_DIR into OUT (a .safetensors file, or
-    a directory for a sharded artifact)."""
+    """Restore a float checkpoint from the artifact ART_DIR (or a compressed-tensors model
+    folder) into OUT (a .safetensors file, or a directory for a sharded input)."""
     from qtool.formats.native import Artifact
     from qtool.pipeline.dequantize import dequantize_artifact
+    from qtool.pipeline.foreign import dequantize_ct, is_ct_folder
 
     t0 = time.perf_counter()
+    if is_ct_folder(art_dir) and not (art_dir / "qtool.json").exists():
+        if verify_:
+            raise click.UsageError("--verify applies to a qtool artifact; "
+                                   f"{art_dir} is a compressed-tensors folder")
+        n = sum(1 for _ in dequantize_ct(art_dir, out, dtype, force))
+        _err_console(quiet).print(f"restored {n} tensors into {out} in "
+                                  f"{time.perf_counter() - t0:.2f} s", markup=False,
+                                  soft_wrap=True)
+        return EXIT_OK
     results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
     m = Artifact.open(art_dir).manifest
     total = sum(t.original_bytes for t in m.tensors)
@@ -274,6 +284,9 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.option("--original", type=FilePath(), default=None,
               help="Artifact: measure the error again against this original checkpoint "
                    "(its size and digests must match the manifest's).")
+@click.option("--against", type=FilePath(), default=None,
+              help="Measure PATH (a qtool artifact or a compressed-tensors model folder) "
+                   "against this original float checkpoint, matched by tensor names.")
 @click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="table",
               show_default=True,
               help="table (Rich, plain when not a terminal), json (docs/REPORT.md), csv or "
@@ -298,7 +311,8 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
            bits: int, group_size: int, range_: str, percentile: float, skip: tuple[str, ...],
            only: tuple[str, ...], recipe: Path | None, allow_unused_rules: bool,
-           nan_policy: str, original: Path | None, fmt: str, sort: str | None,
+           nan_policy: str, original: Path | None, against: Path | None, fmt: str,
+           sort: str | None,
            top: int | None, fail_under_sqnr: float | None, max_error: float | None,
            energy_model: Path | None, jobs: int, verify_: bool, quiet: bool) -> int:
     """Per-tensor error, compression, memory and energy estimates of PATH (default: the
@@ -335,7 +349,9 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         # qtool.json itself, or one of an artifact's files: the artifact is the directory.
         raise click.BadParameter(f"{path} is part of a qtool artifact; report the directory "
                                  f"{path.parent}", param_hint="PATH")
-    if path.is_dir() and (path / MANIFEST).exists():
+    if against is not None:
+        rep = _against(path, against, given, original, verify_, show, checks)
+    elif path.is_dir() and (path / MANIFEST).exists():
         if given:
             raise click.UsageError(f"{given[0]} applies to a dry run of a plain checkpoint; "
                                    f"{path} is a qtool artifact")
@@ -391,6 +407,33 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
     for o in rep.offenders:
         click.echo(f"qtool: fail: {_one_line(o.message())}", err=True)
     return rep.exit_code
+
+
+def _against(path: Path, against: Path, given: list[str], original: Path | None,
+             verify_: bool, show: bool, checks: dict[str, Any]) -> Any:
+    """`report PATH --against ORIGINAL` (pipeline/against.py)."""
+    from qtool.formats.manifest import MANIFEST
+    from qtool.formats.native import Artifact
+    from qtool.pipeline.against import AgainstRun
+    from qtool.pipeline.foreign import is_ct_folder
+    from qtool.report.against import against_report
+
+    for flag, bad in ((given[0] if given else "", bool(given)),
+                      ("--original", original is not None)):
+        if bad:
+            raise click.UsageError(f"{flag} does not go with --against")
+    native = path.is_dir() and (path / MANIFEST).exists()
+    if not native and not is_ct_folder(path):
+        raise click.BadParameter(f"{path} is neither a qtool artifact (no {MANIFEST}) nor a "
+                                 "compressed-tensors model folder", param_hint="PATH")
+    if verify_:
+        if not native:
+            raise click.UsageError("--verify applies to a qtool artifact")
+        Artifact.open(path).verify_files()
+    run = AgainstRun(path, against)
+    records = [r.record for r in _progress(iter(run), run.total, run.total_bytes, "measure",
+                                           show)]
+    return against_report(path, records, against, **checks)
 
 
 def main() -> None:
