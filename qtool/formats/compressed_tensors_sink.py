@@ -63,9 +63,10 @@ def ct_entries(name: str, shape: tuple[int, ...], spec: QuantSpec
         out.append((f"{module}.weight_shape", "I64", (2,)))
     out.append((f"{module}.weight_scale", SCALE_CODES[spec.scale_dtype], p))
     if spec.scheme in ("asymmetric", "symmetric-unsigned"):
-        zp = p if spec.bits == 8 or spec.granularity == "tensor" else \
-            (-(-rows * spec.bits // 32), p[1])
-        out.append((f"{module}.weight_zero_point", "I8", zp))
+        if spec.bits == 8 or spec.granularity == "tensor":
+            out.append((f"{module}.weight_zero_point", "I8", p))
+        else:  # int32 words along the rows, as the library packs zero points
+            out.append((f"{module}.weight_zero_point", "I32", (-(-rows * spec.bits // 32), p[1])))
     return out
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qtool.core.metrics import ErrorStats
 from qtool.core.quant import dequantize
 from qtool.core.shapes import compute_dtype, rows_cols
 from qtool.formats._common import CheckpointError, TensorInfo
@@ -62,7 +63,7 @@ class Original:
             f.close()
 
 
-def _checked(stats, name: str, where: Path):  # type: ignore[no-untyped-def]
+def _checked(stats: ErrorStats, name: str, where: Path) -> ErrorStats:
     if not math.isfinite(stats.signal_sq):
         raise CheckpointError(f"{where}: tensor {name!r} has NaN/inf values")
     if not all(math.isfinite(v) for v in (stats.error_sq, stats.cross, stats.max_abs_error)):
