@@ -14,31 +14,26 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from qtool import __version__
 from qtool.console import FilePath, _err_console, _fail, _one_line, _progress, _show_progress
-from qtool.options import SCHEME_CHOICES, _load_rules, _make_spec, selection_options, spec_options
-
-if TYPE_CHECKING:
-
-    pass
+from qtool.options import (
+    SCHEME_CHOICES,
+    _dry_run_specs,
+    _load_rules,
+    _make_spec,
+    _workload,
+    estimate_options,
+    report_spec_options,
+    selection_options,
+    spec_options,
+)
 
 EXIT_OK, EXIT_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
-
-
-
-
-
-
-
-
-
-
-
 
 
 class QtoolGroup(click.Group):
@@ -96,18 +91,6 @@ def cli() -> None:
       qtool dequantize out/ restored.safetensors
       qtool report out/
     """
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 @cli.command()
@@ -237,7 +220,7 @@ def verify(art_dir: Path, quiet: bool) -> int:
     return EXIT_OK
 
 
-REPORT_FORMATS = ("table", "json", "csv", "markdown")  # qtool.report.FORMATS (imports rich)
+REPORT_FORMATS = ("table", "json", "csv", "markdown", "html")  # qtool.report.model.FORMATS
 REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
 # Options that only make sense for a dry run over a plain checkpoint.
 DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
@@ -252,7 +235,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.option("--scheme", "-s", "schemes", type=click.Choice(SCHEME_CHOICES), multiple=True,
               help="Dry run of a plain checkpoint: a scheme to try, one column group each "
                    "(repeatable; default symmetric).")
-@spec_options
+@report_spec_options
 @selection_options("Dry run: ")
 @click.option("--original", type=FilePath(), default=None,
               help="Artifact: measure the error again against this original checkpoint "
@@ -262,8 +245,13 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
                    "against this original float checkpoint, matched by tensor names.")
 @click.option("--format", "fmt", type=click.Choice(REPORT_FORMATS), default="table",
               show_default=True,
-              help="table (Rich, plain when not a terminal), json (docs/REPORT.md), csv or "
-                   "markdown.")
+              help="table (Rich, plain when not a terminal), json (docs/REPORT.md), csv, "
+                   "markdown or html (one self-contained page with charts).")
+@click.option("--chart", type=click.Choice(["sqnr", "bits"]), is_flag=False, flag_value="sqnr",
+              default=None, help="Table: draw bars per tensor (SQNR, or bits per weight with "
+                                 "--chart bits), or a layer × module heatmap.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Table: list every kept tensor instead of one summed line.")
 @click.option("--sort", type=click.Choice(REPORT_SORTS), default=None,
               help="Tensor order: name; sqnr (worst first); error (largest max abs error "
                    "first); size (largest first). Default: checkpoint order.")
@@ -275,6 +263,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
               help="Exit 1 if any quantized tensor's max absolute error is above X.")
 @click.option("--energy-model", type=FilePath(), default=None,
               metavar="FILE.json", help="Energy figures in pJ (see docs/ENERGY.md).")
+@estimate_options
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads for a dry run or --original (default 0: one per core).")
 @click.option("--verify", "verify_", is_flag=True,
@@ -282,12 +271,14 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.pass_context
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
-           bits: int, group_size: int, range_: str, percentile: float, skip: tuple[str, ...],
-           only: tuple[str, ...], recipe: Path | None, allow_unused_rules: bool,
-           nan_policy: str, original: Path | None, against: Path | None, fmt: str,
-           sort: str | None,
-           top: int | None, fail_under_sqnr: float | None, max_error: float | None,
-           energy_model: Path | None, jobs: int, verify_: bool, quiet: bool) -> int:
+           bits: tuple[int, ...], group_size: int, range_: str, percentile: float,
+           skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
+           allow_unused_rules: bool, nan_policy: str, original: Path | None,
+           against: Path | None, fmt: str, chart: str | None, show_all: bool,
+           sort: str | None, top: int | None, fail_under_sqnr: float | None,
+           max_error: float | None, energy_model: Path | None, tokens: int,
+           lookup: tuple[str, ...], int_activations: bool, bandwidth: float | None, jobs: int,
+           verify_: bool, quiet: bool) -> int:
     """Per-tensor error, compression, memory and energy estimates of PATH (default: the
     current directory): a qtool artifact, or a plain checkpoint for a dry run of each
     --scheme (nothing is written). Exit 1 when --fail-under-sqnr or --max-error is missed."""
@@ -305,8 +296,6 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         dry_run_report,
         load_energy_model,
     )
-    from qtool.report.tables import render_report
-    from qtool.report.text import to_csv, to_json, to_markdown
 
     for flag, value in (("--fail-under-sqnr", fail_under_sqnr), ("--max-error", max_error)):
         if value is not None and not math.isfinite(value):
@@ -317,7 +306,11 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
              if ctx.get_parameter_source(p) in (ParameterSource.COMMANDLINE,
                                                 ParameterSource.ENVIRONMENT)]
     show = _show_progress(quiet)
-    checks = {"energy_model": model, "fail_under_sqnr": fail_under_sqnr, "max_error": max_error}
+    if chart is not None and fmt != "table":
+        raise click.UsageError(f"--chart draws in the terminal; it does not apply to --format "
+                               f"{fmt}")
+    checks = {"energy_model": model, "fail_under_sqnr": fail_under_sqnr, "max_error": max_error,
+              "workload": _workload(tokens, lookup, int_activations, bandwidth)}
     if path.is_file() and (path.parent / MANIFEST).is_file():
         # qtool.json itself, or one of an artifact's files: the artifact is the directory.
         raise click.BadParameter(f"{path} is part of a qtool artifact; report the directory "
@@ -355,8 +348,8 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         from qtool.pipeline.measure import dry_run
         from qtool.pipeline.plan import QuantizeOptions
 
-        specs = [_make_spec(s, granularity, bits, group_size, range_, percentile)
-                 for s in dict.fromkeys(schemes or ("symmetric",))]
+        specs = _dry_run_specs(schemes or ("symmetric",), bits, granularity, group_size,
+                               range_, percentile)
         try:
             opts = QuantizeOptions(spec=specs[0], skip=skip, only=only,
                                    rules=_load_rules(recipe),
@@ -372,11 +365,26 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
                                                 "dry run", show)]
         rep = dry_run_report(path, specs, results, **checks)
     if fmt == "table":
-        from rich.console import Console
+        from qtool.console import _out_console
 
-        console = Console(highlight=False)  # plain text when stdout is no TTY or NO_COLOR
-        console.print(render_report(rep, sort, top, console.width))
+        console = _out_console()  # plain text when stdout is no TTY or NO_COLOR is set
+        if chart is not None:
+            from qtool.report.chart import render_chart
+
+            console.print(render_chart(rep, chart, console.width))
+        else:
+            from qtool.report.tables import render_report
+
+            console.print(render_report(rep, sort, top, console.width, show_all=show_all))
+    elif fmt == "html":
+        from qtool.report.html import to_html
+        from qtool.report.weights import histograms
+
+        hists = histograms(rep, original=original, quiet=quiet)
+        click.echo(to_html(rep, hists, sort, top), nl=False)
     else:
+        from qtool.report.text import to_csv, to_json, to_markdown
+
         render = {"json": to_json, "csv": to_csv, "markdown": to_markdown}[fmt]
         click.echo(render(rep, sort, top), nl=False)
     for o in rep.offenders:

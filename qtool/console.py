@@ -31,6 +31,19 @@ def _err_console(quiet: bool = False) -> Console:
     return Console(stderr=True, quiet=quiet, highlight=False)
 
 
+def _out_console() -> Console:
+    """The stdout console of the tables and charts. NO_COLOR (any value, https://no-color.org)
+    removes every escape code, bold and dim included, not only colour: Rich alone keeps
+    those styles under NO_COLOR."""
+    import os
+
+    from rich.console import Console
+
+    if os.environ.get("NO_COLOR"):
+        return Console(highlight=False, no_color=True, color_system=None)
+    return Console(highlight=False)
+
+
 def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 

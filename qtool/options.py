@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +13,26 @@ from qtool.console import FilePath
 SCHEME_CHOICES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
 
 
-SCHEME_CHOICES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
-
-
 def spec_options(f: Any) -> Any:
     """The options that make a QuantSpec, shared by `quantize` and `report`'s dry run."""
+    return _spec_options(f, multiple_bits=False)
+
+
+def report_spec_options(f: Any) -> Any:
+    """`report`'s dry run: the same, with --bits repeatable (one column group per width)."""
+    return _spec_options(f, multiple_bits=True)
+
+
+def _spec_options(f: Any, multiple_bits: bool) -> Any:
+    bits_help = ("Bit width (2-8); below 8, values are bit-packed. gnmt is 8-bit only."
+                 + (" Repeatable: each width is a column group." if multiple_bits else ""))
     opts = [
         click.option("--granularity", "-g", type=click.Choice(["tensor", "channel", "group"]),
                      default="channel", show_default=True,
                      help="One scale per tensor, per row (output channel) or per group of "
                           "--group-size values along a row. gnmt is always per row."),
-        click.option("--bits", "-b", type=click.IntRange(2, 8), default=8, show_default=True,
-                     help="Bit width (2-8); below 8, values are bit-packed. gnmt is 8-bit only."),
+        click.option("--bits", "-b", type=click.IntRange(2, 8), default=(8,) if multiple_bits
+                     else 8, show_default=True, multiple=multiple_bits, help=bits_help),
         click.option("--group-size", type=click.IntRange(1), default=128, show_default=True,
                      help="Values per group with --granularity group."),
         click.option("--range", "range_", type=click.Choice(["minmax", "percentile", "mse"]),
@@ -83,3 +92,51 @@ def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_
 
     return QuantSpec(scheme=scheme, bits=bits, granularity=granularity, group_size=group_size,
                      range=range_, percentile=percentile)
+
+
+def _dry_run_specs(schemes: Sequence[str], bits: Sequence[int], granularity: str,
+                   group_size: int, range_: str, percentile: float) -> list[Any]:
+    """One spec per (scheme, bit width), schemes first. gnmt is 8-bit only: with several
+    widths it takes the 8-bit one alone (and is an error when 8 is not among them)."""
+    out = []
+    for s in dict.fromkeys(schemes):
+        widths = list(dict.fromkeys(bits))
+        if s == "gnmt" and len(widths) > 1:
+            widths = [8] if 8 in widths else widths[:1]
+        out += [_make_spec(s, granularity, b, group_size, range_, percentile) for b in widths]
+    return out
+
+
+def estimate_options(f: Any) -> Any:
+    """`report`'s workload of the energy, latency and area estimates (docs/ENERGY.md)."""
+    opts = [
+        click.option("--tokens", type=click.IntRange(1), default=1, show_default=True,
+                     metavar="N", help="Estimates: tokens in the pass (each reads one row of "
+                                       "a lookup table and does one MAC per weight)."),
+        click.option("--lookup", multiple=True, metavar="GLOB",
+                     help="Estimates: tensors looked up by row, not multiplied (repeatable; "
+                          "replaces the default *embed*, wte, wpe)."),
+        click.option("--int-activations", is_flag=True,
+                     help="Estimates: integer activations (int8 MACs); default float "
+                          "(weight-only quantization)."),
+        click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="GB/S", help="Estimates: DRAM bandwidth for the memory-bound "
+                                          "latency (default 89.6: dual-channel DDR5-5600)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _workload(tokens: int, lookup: Sequence[str], int_activations: bool,
+              bandwidth: float | None) -> Any:
+    import math
+
+    from qtool.report.energy import DEFAULT_BANDWIDTH_GBS, DEFAULT_LOOKUP, Workload
+
+    if bandwidth is not None and not math.isfinite(bandwidth):
+        raise click.BadParameter(f"must be a finite number, not {bandwidth}",
+                                 param_hint="--bandwidth")
+    return Workload(tokens=tokens, int_activations=int_activations,
+                    lookup=tuple(lookup) if lookup else DEFAULT_LOOKUP,
+                    bandwidth_gbs=DEFAULT_BANDWIDTH_GBS if bandwidth is None else bandwidth)

@@ -44,11 +44,38 @@ def human_energy(pj: float) -> str:
     return f"{pj:.3g} pJ"
 
 
+def human_seconds(s: float | None) -> str:
+    """Seconds in the largest unit that keeps the number ≥ 1, three significant digits."""
+    if s is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(s) >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s * 1e9:.3g} ns"
+
+
+def human_area(um2: float | None) -> str:
+    """µm², or mm² from 10⁶ µm² on; "-" when nothing is multiplied."""
+    if um2 is None:
+        return "-"
+    return f"{um2 / 1e6:.3g} mm²" if um2 >= 1e6 else f"{um2:.0f} µm²"
+
+
+def short_bytes(n: float) -> str:
+    """Bytes with three significant digits ("507 KiB", "1.74 MiB"): the totals of four
+    column groups fit in 80 columns."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1000 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f} %"
 
 
-def _fmt_change(before: float, after: float) -> str:
+def _fmt_change(before: float | None, after: float | None) -> str:
     """The saving from before to after in percent (negative when after costs more)."""
     return _fmt_pct(EnergyEstimate.saving_percent(before, after))
 
@@ -86,12 +113,6 @@ def _ratio(rec: TensorRecord) -> float | None:
     return rec.original_bytes / rec.stored_bytes if rec.stored_bytes else None
 
 
-
-
-
-
-
-
 def _common_prefix(names: list[str]) -> str:
     """The longest common prefix of whole dot-separated parts ("model." of a HF checkpoint),
     never a whole name."""
@@ -114,3 +135,35 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+ELLIPSIS = "…"
+
+
+def fit_name(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, never cut inside a dot-separated part: the
+    middle parts give way to "…" (the first parts name the layer, the last ones the module).
+    Only a name whose first and last parts alone do not fit is cut inside a part, in its
+    middle."""
+    if len(name) <= width:
+        return name
+    parts = name.split(".")
+    head, tail = 1, 1
+    if len(parts) > 2:
+        def text(h: int, t: int) -> str:
+            return ".".join(parts[:h]) + f".{ELLIPSIS}." + ".".join(parts[-t:])
+
+        if len(text(1, 1)) <= width:
+            if len(parts) > 3 and parts[1].isdigit() and len(text(2, 1)) <= width:
+                head = 2  # "layers.17": the layer number belongs to its name
+            # Grow the tail first (the module and weight/bias), then the head, by one part.
+            while head + tail < len(parts) - 1:
+                if len(text(head, tail + 1)) <= width:
+                    tail += 1
+                elif len(text(head + 1, tail)) <= width:
+                    head += 1
+                else:
+                    break
+            return text(head, tail)
+    keep = max(width - 1, 2)
+    return name[:keep - keep // 2] + ELLIPSIS + name[len(name) - keep // 2:]

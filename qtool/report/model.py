@@ -22,17 +22,15 @@ from qtool.core.metrics import ErrorStats
 from qtool.core.schemes import QuantSpec
 from qtool.formats._common import DTYPES, CheckpointError
 from qtool.formats.manifest import TensorRecord
-from qtool.report.energy import EnergyEstimate, EnergyModel, EnergyModelError, TensorCost, estimate
-from qtool.report.fmt import (
-    _fmt_change,
-    _fmt_err,
-    _fmt_pct,
-    _fmt_ratio,
-    _fmt_sqnr,
-    _gran,
-    human_bytes,
-    human_energy,
+from qtool.report.energy import (
+    EnergyEstimate,
+    EnergyModel,
+    EnergyModelError,
+    TensorCost,
+    Workload,
+    estimate,
 )
+from qtool.report.fmt import _fmt_sqnr, _gran
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -45,16 +43,12 @@ ENERGY_MODEL_SIZE_LIMIT = 1_000_000  # bytes; a model file is a dozen numbers
 NAME_MIN_WIDTH = 20  # the tensor-name column never gets narrower than this in the table
 BEST = "★"
 
-
-
 class ReportError(CheckpointError):
     """Bad input to the report (exit 2): a malformed energy model, a manifest without
     metrics, options that do not apply to the given PATH."""
 
 
 # --------------------------------------------------------------------------- quantize summary
-
-
 
 
 def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float) -> dict[str, Any]:
@@ -72,8 +66,6 @@ def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float)
         "compression_ratio": round(before / after, 4) if after else None,
         "seconds": round(seconds, 3),
     }
-
-
 
 
 # --------------------------------------------------------------------------- energy model file
@@ -125,6 +117,14 @@ class Row:
     @property
     def original_bytes(self) -> int:
         return self.results[0].original_bytes
+
+
+def bits_per_weight(rec: TensorRecord) -> float | None:
+    """8 × stored bytes / weights (integers, scales and zero points all counted); a kept
+    tensor: its dtype's width. None for an empty tensor. The one place the report computes
+    it (issue 11 adds core.shapes.bits_per_weight for a spec; this takes what is stored)."""
+    n = math.prod(rec.shape)
+    return 8.0 * rec.stored_bytes / n if n else None
 
 
 @dataclass(frozen=True)
@@ -196,17 +196,20 @@ class Report:
     fail_under_sqnr: float | None = None
     max_error: float | None = None
     disk: tuple[int, int] | None = None  # an artifact's file bytes: source, artifact
+    workload: Workload = field(default_factory=Workload)
     totals: list[Totals] = field(init=False)
     energy: list[EnergyEstimate] = field(init=False)
     offenders: list[Offender] = field(init=False)
 
     def __post_init__(self) -> None:
         self.totals = [self._totals(i) for i in range(len(self.labels))]
+        lookup = [self.workload.is_lookup(r.name, r.shape) for r in self.rows]
         self.energy = [
             estimate(self.energy_model, (
                 TensorCost(r.dtype, r.parameters, r.results[i].original_bytes,
-                           r.results[i].stored_bytes, r.results[i].quantized)
-                for r in self.rows))
+                           r.results[i].stored_bytes, r.results[i].quantized,
+                           r.shape[0] if lk else None)
+                for r, lk in zip(self.rows, lookup, strict=True)), self.workload)
             for i in range(len(self.labels))
         ]
         if self.kind == "dry-run" and len(self.labels) > 1:
@@ -322,7 +325,8 @@ def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
                     disk: tuple[int, int] | None = None,
                     energy_model: EnergyModel | None = None,
                     fail_under_sqnr: float | None = None,
-                    max_error: float | None = None) -> Report:
+                    max_error: float | None = None,
+                    workload: Workload | None = None) -> Report:
     """The report of an artifact from its records (the manifest's, or re-measured ones)."""
     _check_records(records, str(Path(path) / "qtool.json"))
     records = [_with_real_bytes(r) for r in records]
@@ -330,20 +334,21 @@ def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
     return Report("artifact", str(path), ["artifact"], [None], rows, metrics_from,
                   original=None if original is None else str(original),
                   energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
-                  max_error=max_error, disk=disk)
+                  max_error=max_error, disk=disk, workload=workload or Workload())
 
 
 def dry_run_report(path: str | Path, specs: Sequence[QuantSpec],
                    results: Sequence[Sequence[TensorRecord]], *,
                    energy_model: EnergyModel | None = None,
                    fail_under_sqnr: float | None = None,
-                   max_error: float | None = None) -> Report:
+                   max_error: float | None = None,
+                   workload: Workload | None = None) -> Report:
     """The report of a dry run: ``results[t][g]`` is tensor t under ``specs[g]``."""
     labels = spec_labels(specs)
     rows = [Row(rs[0].name, rs[0].dtype, tuple(rs[0].shape), list(rs)) for rs in results]
     return Report("dry-run", str(path), labels, list(specs), rows, "dry-run",
                   energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
-                  max_error=max_error)
+                  max_error=max_error, workload=workload or Workload())
 
 
 def spec_labels(specs: Sequence[QuantSpec]) -> list[str]:
@@ -367,52 +372,3 @@ def disk_bytes(source: dict[str, Any], files: dict[str, dict[str, Any]]
                 sum(int(f["size"]) for f in files.values()))
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def _subtitle(report: Report) -> str:
-    if report.kind == "dry-run":
-        return ("dry run: what each scheme would do (nothing written); "
-                f"{BEST} marks the best SQNR per tensor" if len(report.labels) > 1 else
-                "dry run: what the scheme would do (nothing written)")
-    if report.metrics_from == "original":
-        return f"artifact; metrics measured again against {report.original}"
-    return "artifact; metrics measured at quantize time (from qtool.json)"
-
-
-def _after_labels(report: Report) -> list[str]:
-    return ["after"] if report.kind == "artifact" else list(report.labels)
-
-
-def _totals_lines(report: Report) -> list[tuple[str, str, list[str]]]:
-    """(what, before, [after per group]) lines of the totals, shared by table and Markdown.
-    Values are kept short so that three groups still fit in 80 columns."""
-    ts, es = report.totals, report.energy
-    t0 = ts[0]
-    lines: list[tuple[str, str, list[str]]] = [
-        ("tensors", str(t0.tensors), [str(t.tensors) for t in ts]),
-        ("tensors quantized", "", [str(t.quantized) for t in ts]),
-        ("tensors kept in float", "", [str(t.passthrough) for t in ts]),
-        ("tensor bytes", human_bytes(t0.bytes_before), [human_bytes(t.bytes_after) for t in ts]),
-        ("compression", "", [_fmt_ratio(t.ratio) for t in ts]),
-        ("memory saved", "", [human_bytes(t.saved) for t in ts]),
-        ("memory saved %", "", [_fmt_pct(t.saved_percent) for t in ts]),
-    ]
-    if report.disk is not None:
-        lines.append(("file bytes", human_bytes(report.disk[0]), [human_bytes(report.disk[1])]))
-    lines += [
-        ("SQNR, all quantized", "",
-         [f"{_fmt_sqnr(t.stats.sqnr_db)} dB" if t.quantized else "-" for t in ts]),
-        ("max abs error", "", [_fmt_err(t.stats.max_abs_error) if t.quantized else "-"
-                               for t in ts]),
-        ("worst tensor", "", [f"{t.worst.name} ({_fmt_sqnr(t.worst.sqnr_db)} dB)"
-                              if t.worst else "-" for t in ts]),
-    ]
-    for what, get in (
-        ("energy: DRAM reads", lambda e: (e.memory_before_pj, e.memory_after_pj)),
-        ("energy: MACs", lambda e: (e.compute_before_pj, e.compute_after_pj)),
-        ("energy: total", lambda e: (e.total_before_pj, e.total_after_pj)),
-    ):
-        pairs = [get(e) for e in es]
-        lines.append((what, human_energy(pairs[0][0]), [human_energy(a) for _, a in pairs]))
-        lines.append((f"{what} saved", "", [_fmt_change(b, a) for b, a in pairs]))
-    return lines

@@ -25,8 +25,10 @@ from qtool.report.fmt import (
     _gran,
     _ratio,
     _safe,
+    fit_name,
     human_bytes,
 )
+from qtool.report.lines import _after_labels, _subtitle, _totals_lines
 from qtool.report.model import (
     BEST,
     NAME_MIN_WIDTH,
@@ -34,18 +36,9 @@ from qtool.report.model import (
     SQNR_YELLOW_DB,
     Report,
     Row,
-    _after_labels,
-    _subtitle,
-    _totals_lines,
 )
 
 # --------------------------------------------------------------------------- table
-
-
-
-
-
-
 
 
 @dataclass
@@ -54,6 +47,7 @@ class _Col:
     cells: list[Text]
     priority: int  # lower is kept first when the terminal is narrow; equal: all or none
     justify: str = "right"
+    key: str = ""  # what it shows, for columns that move into the subtitle when constant
 
     @property
     def width(self) -> int:
@@ -61,56 +55,86 @@ class _Col:
         return max(len(x) for x in [*self.header.split("\n"), *lines])
 
 
+def _kept_everywhere(r: Row) -> bool:
+    return all(rec.spec is None for rec in r.results)
+
+
+def _constant_settings(report: Report, rows: list[Row]) -> dict[str, str]:
+    """An artifact's scheme, bits and granularity when every quantized tensor shares them:
+    they go into the subtitle instead of repeating on every row."""
+    if report.kind != "artifact":
+        return {}
+    specs = [r.results[0].spec for r in report.rows if r.results[0].spec is not None]
+    out = {}
+    for key, get in (("scheme", lambda s: s.scheme), ("bits", lambda s: f"{s.bits} bits"),
+                     ("granularity", _gran)):
+        values = {get(s) for s in specs}
+        if len(values) == 1:
+            out[key] = values.pop()
+    return out
 
 
 def render_report(report: Report, sort: str | None = None, top: int | None = None,
-                  width: int = 80) -> RenderableType:
+                  width: int = 80, show_all: bool = False) -> RenderableType:
     """The Rich renderable of the report for a terminal ``width`` columns wide: the tensor
     table with as many columns as fit (JSON, CSV and Markdown always have them all), the
-    totals with the energy estimate, and the assumptions behind it."""
+    totals with the estimates, and the assumptions behind them.
+
+    Tensors kept in float by every group are summed into one line (``show_all`` lists them,
+    one line each); columns whose value never changes move into the subtitle; names that do
+    not fit lose their common prefix, then middle parts ("layers.3.….q_proj.weight")."""
     rows = report.sorted_rows(sort, top)
+    kept = [r for r in rows if _kept_everywhere(r)]
+    if not show_all:
+        rows = [r for r in rows if not _kept_everywhere(r)]
     prefix = _common_prefix([r.name for r in report.rows])
     cols = _artifact_cols(report, rows) if report.kind == "artifact" else \
         _dry_run_cols(report, rows)
-    names = []
-    for r in rows:
-        t = Text(_safe(r.name[len(prefix):]))
-        kept = [rec for rec in r.results if rec.spec is None]
-        if len(kept) == len(r.results):  # kept in float under every group: say why
-            t.append(f"\n  kept: {_safe(kept[0].passthrough or '')}", style="dim")
-        names.append(t)
-    name_col = _Col("tensor", names, 0, "left")
-    # Greedily keep the most useful columns that fit beside a readable name column: up to
-    # 45 % of the width is kept for the names, so that a typical Hugging Face name
-    # ("layers.12.self_attn.q_proj.weight") stays on one line at 80 columns. Columns of the
-    # same priority (one metric for every dry-run scheme) are shown all together or not at
-    # all, so that the schemes can be compared.
-    # The name column is never narrower than NAME_MIN_WIDTH, even for short names: reserve
-    # what it will really take, or the numeric columns get cropped.
-    budget = width - max(NAME_MIN_WIDTH, min(name_col.width, int(width * 0.45)))
+    constant = _constant_settings(report, rows)
+    cols = [c for c in cols if c.key not in constant]
+    full = [_safe(r.name[len(prefix):]) for r in rows]
+    # Columns are kept by priority, the most useful first; columns of the same priority
+    # (one metric for every dry-run scheme) are shown all together or not at all. The first
+    # tier (SQNR) is always shown: names give way to it (down to NAME_MIN_WIDTH). Further
+    # tiers share what is left with the names, which keep up to 45 % of the width.
+    longest = max((len(n) for n in full), default=len("tensor"))
+    first = min(c.priority for c in cols) if cols else 0
+    need0 = sum(c.width + 2 for c in cols if c.priority == first)
+    name_w = max(NAME_MIN_WIDTH, min(longest, width - need0 - 1))
+    name_w = min(name_w, max(NAME_MIN_WIDTH, int(width * 0.45), width - need0 - 1))
+    budget = width - name_w - 1
     chosen: list[_Col] = []
     for prio in sorted({c.priority for c in cols}):
         tier = [c for c in cols if c.priority == prio]
         need = sum(c.width + 2 for c in tier)  # two spaces between columns
-        if need <= budget:
+        if need <= budget or prio == first:
             chosen += tier
             budget -= need
     shown = [c for c in cols if c in chosen]
+    # What the chosen columns leave goes back to the names.
+    name_w = max(NAME_MIN_WIDTH, min(longest, name_w + max(budget, 0)))
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
                   padding=(0, 1), header_style="bold")
-    table.add_column(name_col.header, overflow="fold", min_width=NAME_MIN_WIDTH)
+    table.add_column("tensor", no_wrap=True, min_width=min(NAME_MIN_WIDTH, name_w),
+                     max_width=name_w)
     for c in shown:
         table.add_column(c.header, justify=c.justify, no_wrap=True)  # type: ignore[arg-type]
-    for i, name in enumerate(names):
-        table.add_row(name, *[c.cells[i] for c in shown])
+    for i, name in enumerate(full):
+        cell = Text(fit_name(name, name_w))
+        table.add_row(cell, *[c.cells[i] for c in shown])
     parts: list[RenderableType] = [Text.assemble(("qtool report ", "bold"), _safe(report.path)),
                                    Text(_subtitle(report), style="dim")]
+    if constant:
+        parts.append(Text("every quantized tensor: " + ", ".join(constant.values()),
+                          style="dim"))
     if prefix:
         parts.append(Text(f"tensor names below start with {prefix!r}", style="dim"))
     parts.append(table)
+    if kept and not show_all:
+        parts.append(Text(_kept_line(kept)))
     notes = []
-    if len(rows) < len(report.rows):
-        notes.append(f"showing {len(rows)} of {len(report.rows)} tensors")
+    if top is not None and top < len(report.rows):
+        notes.append(f"showing {top} of {len(report.rows)} tensors")
     if len(shown) < len(cols):
         notes.append(f"{len(cols) - len(shown)} more columns in a wider terminal or with "
                      "--format json, csv or markdown")
@@ -126,11 +150,24 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
             parts.append(Text(f"worst tensor{who}: {_safe(t.worst.name)}, SQNR "
                               f"{_fmt_sqnr(t.worst.sqnr_db)} dB, max abs error "
                               f"{_fmt_err(t.worst.max_abs_error)}"))
-    parts.append(Text("energy estimate (docs/ENERGY.md):\n" + "\n".join(
-        f"- {a}" for a in assumptions(report.energy_model)), style="dim"))
+    parts.append(Text("estimates (docs/ENERGY.md):\n" + "\n".join(
+        f"- {a}" for a in assumptions(report.energy_model, report.workload)), style="dim"))
     for o in report.offenders:
         parts.append(Text(f"FAIL {o.message()}", style="bold red"))
     return Group(*parts)
+
+
+def _kept_line(kept: list[Row]) -> str:
+    """ "kept: 12 tensors, 30.5 KiB (1-D tensor (bias or norm): 11, not float: 1); --all lists
+    them" """
+    reasons: dict[str, int] = {}
+    for r in kept:
+        why = _safe(r.results[0].passthrough or "kept")
+        reasons[why] = reasons.get(why, 0) + 1
+    size = human_bytes(sum(r.original_bytes for r in kept))
+    why = ", ".join(f"{k}: {n}" for k, n in reasons.items())
+    n = len(kept)
+    return f"kept: {n} tensor{'s' if n != 1 else ''}, {size} ({why}); --all lists them"
 
 
 def _sqnr_style(report: Report, x: float) -> str:
@@ -163,9 +200,11 @@ def _artifact_cols(report: Report, rows: list[Row]) -> list[_Col]:
 
     return [
         _Col("shape", [Text(_fmt_shape(r.shape)) for r in rows], 7),
-        _Col("scheme", [spec_cell(rec, lambda s: s.scheme) for rec in recs], 4, "left"),
-        _Col("bits", [spec_cell(rec, lambda s: str(s.bits)) for rec in recs], 9),
-        _Col("granularity", [spec_cell(rec, _gran) for rec in recs], 10, "left"),
+        _Col("scheme", [spec_cell(rec, lambda s: s.scheme) for rec in recs], 4, "left",
+             "scheme"),
+        _Col("bits", [spec_cell(rec, lambda s: str(s.bits)) for rec in recs], 9, key="bits"),
+        _Col("granularity", [spec_cell(rec, _gran) for rec in recs], 10, "left",
+             "granularity"),
         _Col("params", [Text(f"{r.parameters:,}") for r in rows], 11),
         _Col("size", [Text(human_bytes(rec.original_bytes)) for rec in recs], 6),
         _Col("stored", [Text(human_bytes(rec.stored_bytes)) for rec in recs], 2),
@@ -185,7 +224,10 @@ def _dry_run_cols(report: Report, rows: list[Row]) -> list[_Col]:
         _Col("params", [Text(f"{r.parameters:,}") for r in rows], 7),
         _Col("size", [Text(human_bytes(r.original_bytes)) for r in rows], 4),
     ]
-    for g, label in enumerate(report.labels):
+    for g, full_label in enumerate(report.labels):
+        # "symmetric-unsigned 4b channel" over three short lines: a narrow column, so that
+        # four schemes' SQNR columns fit beside the names at 80 columns.
+        label = _header_label(full_label)
         recs = [r.results[g] for r in rows]
         sqnr = []
         for r, rec in zip(rows, recs, strict=True):
@@ -212,13 +254,26 @@ def _dry_run_cols(report: Report, rows: list[Row]) -> list[_Col]:
     return cols
 
 
+def _header_label(label: str) -> str:
+    words = label.replace("-", "- ").split()
+    lines: list[str] = []
+    for w in words:
+        if lines and len(lines[-1]) + len(w) + (0 if lines[-1].endswith("-") else 1) <= 10:
+            lines[-1] += w if lines[-1].endswith("-") else " " + w
+        else:
+            lines.append(w)
+    return "\n".join(lines)
+
+
 def _totals_table(report: Report) -> Table:
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
               padding=(0, 1), header_style="bold")
     t.add_column("totals", no_wrap=True)
     t.add_column("before", justify="right", no_wrap=True)
     for label in _after_labels(report):
-        t.add_column(label, justify="right", overflow="fold")
+        head = _header_label(label)
+        t.add_column(head, justify="right", overflow="fold",
+                     min_width=max(len(ln) for ln in head.split("\n")))
     for key, before, afters in _totals_lines(report):
         if key == "worst tensor":  # long names: shown on their own lines below the table
             continue

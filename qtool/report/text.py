@@ -24,14 +24,12 @@ from qtool.report.fmt import (
     _safe,
     human_bytes,
 )
+from qtool.report.lines import _after_labels, _subtitle, _totals_lines
 from qtool.report.model import (
     BEST,
     SCHEMA_VERSION,
     Report,
     Totals,
-    _after_labels,
-    _subtitle,
-    _totals_lines,
 )
 
 # --------------------------------------------------------------------------- formatting
@@ -128,7 +126,8 @@ def to_json(report: Report, sort: str | None = None, top: int | None = None) -> 
         ],
         # energy_model alone is a valid --energy-model file: the figures in use.
         "energy_model": report.energy_model.to_dict(),
-        "energy_assumptions": assumptions(report.energy_model),
+        "energy_assumptions": assumptions(report.energy_model, report.workload),
+        "workload": report.workload.to_dict(),
         "disk": None if report.disk is None else {"before": report.disk[0],
                                                   "after": report.disk[1]},
         "sort": sort,
@@ -243,8 +242,8 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
             "|---|---:|" + "---:|" * len(report.labels)]
     for key, before, afters in _totals_lines(report):
         out.append(f"| {key} | {_md(before)} | " + " | ".join(_md(a) for a in afters) + " |")
-    out += ["", "Energy estimate, one pass over the weights (docs/ENERGY.md):", ""]
-    out += [f"- {a}" for a in assumptions(report.energy_model)]
+    out += ["", "Estimates: energy, memory-bound latency and MAC area (docs/ENERGY.md):", ""]
+    out += [f"- {a}" for a in assumptions(report.energy_model, report.workload)]
     out += _md_checks(report)
     return "\n".join(out) + "\n"
 

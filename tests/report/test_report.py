@@ -347,15 +347,25 @@ def test_table_is_plain_and_fits_80_columns(tmp_path, monkeypatch):
     # The common prefix is stated once; the names are shown without it.
     assert "start with 'model.'" in text
     assert any(ln.startswith("decoder.layers.0.mlp.down_proj.weight ") for ln in lines)
-    assert "kept: 1-D tensor (bias or norm)" in text
-    # The long name wraps onto the next lines instead of being cut.
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("encoder.layers.17"))
-    pieces = [lines[start].split()[0]]
-    for ln in lines[start + 1:]:
-        if len(ln.split()) != 1:
-            break
-        pieces.append(ln.strip())
-    assert "".join(pieces) == long_name[len("model."):]
+    # Kept tensors are summed into one line; --all lists them, one line each.
+    assert "kept: 1 tensor, 32 B (1-D tensor (bias or norm): 1); --all lists them" in text
+    assert not any(ln.startswith("norm.weight") for ln in lines)
+    every = run("report", out, "--all").stdout.splitlines()
+    assert sum(1 for ln in every if ln.startswith("norm.weight ")) == 1
+    # A name that fits is whole; one that does not loses whole middle parts, never part of
+    # a word, and SQNR stays.
+    assert any(ln.startswith(long_name[len("model."):] + " ") for ln in lines)
+    monkeypatch.setenv("COLUMNS", "50")
+    narrow = run("report", out).stdout.splitlines()
+    assert all(len(ln) <= 50 for ln in narrow), max(narrow, key=len)
+    assert any("SQNR" in ln for ln in narrow)
+    shown = next(ln.split()[0] for ln in narrow if ln.startswith("encoder.layers.17."))
+    assert "…" in shown and shown.endswith(".weight")
+    parts = long_name[len("model."):].split(".")
+    assert all(p in parts or p == "…" for p in shown.split("."))
+    # One scheme, one bit width: said once in the subtitle instead of two columns.
+    assert "every quantized tensor: gnmt, 8 bits, channel" in text
+    assert not any(ln.split()[:2] == ["tensor", "shape"] and "scheme" in ln for ln in lines)
     assert "SQNR" in text and "totals" in text and "energy: total" in text
     assert "Horowitz" in text
 
@@ -533,8 +543,9 @@ def test_malformed_energy_model_exits_2(tmp_path, ckpt, content, fragment):
 # --------------------------------------------------------------------------- energy
 
 
-def _expected_energy(tensors, stored, fig):
-    """The model of docs/ENERGY.md, by hand: pJ before/after for memory and compute."""
+def _expected_energy(tensors, stored, fig, int_activations=False):
+    """The model of docs/ENERGY.md, by hand: pJ before/after for memory and compute (one
+    token; no tensor here is a lookup table)."""
     mac = {"F32": fig["fp32_mul_pj"] + fig["fp32_add_pj"],
            "F64": fig["fp32_mul_pj"] + fig["fp32_add_pj"],
            "F16": fig["fp16_mul_pj"] + fig["fp16_add_pj"],
@@ -551,26 +562,28 @@ def _expected_energy(tensors, stored, fig):
         if code is None:
             continue
         comp_b += w.size * mac[code]
-        comp_a += w.size * (int8 if stored[n] != w.nbytes else mac[code])
+        quantized = stored[n] != w.nbytes
+        comp_a += w.size * (int8 if quantized and int_activations else mac[code])
     return mem_b, mem_a, comp_b, comp_a
 
 
 @pytest.mark.parametrize("model", [None, {"name": "test figures", "dram_read_32bit_pj": 100.0,
                                           "fp32_mul_pj": 2.0, "fp16_add_pj": 0.25,
                                           "int8_mul_pj": 0.5}])
-def test_energy_recomputed_from_the_model(tmp_path, model):
+@pytest.mark.parametrize("int_act", [False, True])
+def test_energy_recomputed_from_the_model(tmp_path, model, int_act):
     tensors = make_tensors()
     _, out = _quantize(tmp_path, tensors, "--scheme", "gnmt")
     fig = {"dram_read_32bit_pj": 640.0, "fp32_mul_pj": 3.7, "fp32_add_pj": 0.9,
            "fp16_mul_pj": 1.1, "fp16_add_pj": 0.4, "int8_mul_pj": 0.2, "int8_add_pj": 0.03}
-    args = []
+    args = ["--int-activations"] if int_act else []
     if model is not None:
         (tmp_path / "model.json").write_text(json.dumps(model))
-        args = ["--energy-model", tmp_path / "model.json"]
+        args += ["--energy-model", tmp_path / "model.json"]
         fig.update({k: v for k, v in model.items() if k != "name"})
     doc = _json(run("report", out, "--format", "json", *args))
     stored = {t["name"]: t["results"]["artifact"]["quantized_bytes"] for t in doc["tensors"]}
-    mem_b, mem_a, comp_b, comp_a = _expected_energy(tensors, stored, fig)
+    mem_b, mem_a, comp_b, comp_a = _expected_energy(tensors, stored, fig, int_act)
     e = doc["groups"][0]["energy"]
     assert e["memory"]["before_pj"] == pytest.approx(mem_b)
     assert e["memory"]["after_pj"] == pytest.approx(mem_a)
@@ -581,6 +594,7 @@ def test_energy_recomputed_from_the_model(tmp_path, model):
         100 * ((mem_b + comp_b) - (mem_a + comp_a)) / (mem_b + comp_b))
     assert e["memory"]["saving_percent"] == pytest.approx(100 * (mem_b - mem_a) / mem_b)
     assert {k: doc["energy_model"][k] for k in fig} == fig
+    assert doc["workload"]["int_activations"] is int_act
     if model is not None:
         assert doc["energy_model"]["name"] == "test figures"
     assert any(f"DRAM {fig['dram_read_32bit_pj']:g} pJ" in a
@@ -588,7 +602,7 @@ def test_energy_recomputed_from_the_model(tmp_path, model):
     # The figures in use, written back as a model file, give the same estimate.
     (tmp_path / "echo.json").write_text(json.dumps(doc["energy_model"]))
     again = _json(run("report", out, "--format", "json", "--energy-model",
-                      tmp_path / "echo.json"))
+                      tmp_path / "echo.json", *args[:1 if int_act else 0]))
     assert again["groups"][0]["energy"] == e
 
 
