@@ -30,7 +30,7 @@ from qtool.report.energy import (
     Workload,
     estimate,
 )
-from qtool.report.fmt import _fmt_sqnr, _gran
+from qtool.report.fmt import _fmt_sqnr, _gran, _json_float
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -59,11 +59,25 @@ def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float)
     before = sum(int(f["size"]) for f in art.manifest.source["files"])
     after = sum(int(f["size"]) for f in art.manifest.files.values())
     quantized = sum(1 for r in records if r.quantized)
+    stats = ErrorStats()
+    worst: TensorRecord | None = None
+    for r in records:
+        if r.stats is None:
+            continue
+        stats = stats.merge(r.stats)
+        if worst is None or worst.stats is None or r.stats.sqnr_db < worst.stats.sqnr_db:
+            worst = r
+
+    quality = None if worst is None or worst.stats is None else {
+        "sqnr_db": _json_float(stats.sqnr_db),
+        "worst": {"name": worst.name, "sqnr_db": _json_float(worst.stats.sqnr_db)}}
     return {
         "output": str(out_dir),
         "tensors": {"quantized": quantized, "passthrough": len(records) - quantized},
         "bytes": {"before": before, "after": after},
         "compression_ratio": round(before / after, 4) if after else None,
+        # SQNR over every quantized value and the worst tensor; null when nothing is quantized
+        "quality": quality,
         "seconds": round(seconds, 3),
     }
 

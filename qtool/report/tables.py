@@ -288,7 +288,7 @@ def _totals_table(report: Report) -> Table:
 
 
 
-def render_summary(summary: dict[str, Any]) -> Table:
+def render_summary(summary: dict[str, Any]) -> RenderableType:
     t = Table(title=f"qtool quantize → {summary['output']}", show_header=False, box=None)
     t.add_column(style="bold")
     t.add_column(justify="right")
@@ -299,4 +299,10 @@ def render_summary(summary: dict[str, Any]) -> Table:
     ratio = summary["compression_ratio"]
     t.add_row("compression", f"{ratio:.2f}×" if ratio else "-")
     t.add_row("time", f"{summary['seconds']:.2f} s")
-    return t
+    q = summary.get("quality")
+    if q is None:
+        return t
+    # On a line of its own: a long tensor name would stretch the table.
+    return Group(t, Text(f"quality: SQNR {_fmt_sqnr(float(q['sqnr_db']))} dB over all "
+                         f"quantized values; worst tensor {_safe(q['worst']['name'])} "
+                         f"({_fmt_sqnr(float(q['worst']['sqnr_db']))} dB)"))
