@@ -220,7 +220,7 @@ def verify(art_dir: Path, quiet: bool) -> int:
     return EXIT_OK
 
 
-REPORT_FORMATS = ("table", "json", "csv", "markdown", "html")  # qtool.report.model.FORMATS
+REPORT_FORMATS = ("table", "json", "csv", "markdown")  # qtool.report.model.FORMATS
 REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
 # Options that only make sense for a dry run over a plain checkpoint.
 DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
