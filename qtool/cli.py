@@ -220,7 +220,7 @@ def verify(art_dir: Path, quiet: bool) -> int:
     return EXIT_OK
 
 
-REPORT_FORMATS = ("table", "json", "csv", "markdown")  # qtool.report.model.FORMATS
+REPORT_FORMATS = ("table", "json", "csv", "markdown", "html")  # qtool.report.model.FORMATS
 REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
 # Options that only make sense for a dry run over a plain checkpoint.
 DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
@@ -380,8 +380,8 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         from qtool.report.html import to_html
         from qtool.report.weights import histograms
 
-        hists = histograms(rep, original=original, quiet=quiet)
-        click.echo(to_html(rep, hists, sort, top), nl=False)
+        hists, note = histograms(rep)
+        click.echo(to_html(rep, hists, note, sort, top), nl=False)
     else:
         from qtool.report.text import to_csv, to_json, to_markdown
 

@@ -33,7 +33,7 @@ from qtool.report.energy import (
 from qtool.report.fmt import _fmt_sqnr, _gran, _json_float
 
 SCHEMA_VERSION = 1
-FORMATS = ("table", "json", "csv", "markdown")
+FORMATS = ("table", "json", "csv", "markdown", "html")
 SORT_KEYS = ("name", "sqnr", "error", "size")
 # Without --fail-under-sqnr, the table colours SQNR below these (dB) red and yellow: at 20 dB
 # the error's energy is 1 % of the signal's, at 30 dB 0.1 %.

@@ -1,0 +1,231 @@
+"""`qtool report --format html`: one self-contained page. Inline SVG and CSS only: no script,
+no font or image from the network, readable with scripting off. Pure string building.
+
+The page holds the per-tensor SQNR and bits-per-weight charts (a layer × module heatmap too
+when names follow ``layers.N.<module>``), the histograms of the worst tensors with their
+quantization grid, the totals with the energy, latency and area estimates and their
+assumptions, and the per-tensor table. Its size grows with the number of tensors (about
+1 KB each), not with their bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+from qtool import __version__
+from qtool.report.energy import assumptions
+from qtool.report.fmt import _common_prefix, _fmt_err, _fmt_shape, _fmt_sqnr, human_bytes
+from qtool.report.lines import _after_labels, _subtitle, _totals_lines
+from qtool.report.model import SQNR_RED_DB, SQNR_YELLOW_DB, Report, bits_per_weight
+from qtool.report.series import Point, chart_points, layer_grid
+from qtool.report.weights import Histogram
+
+CSS = """
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;
+max-width:1100px;padding:0 16px;color:#1d1d1f;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid
+#ddd;padding-bottom:4px}.sub{color:#666;margin:2px 0}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}
+td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #eee;white-space:nowrap}
+th{background:#f5f5f7}td.n,th.n{text-align:left;white-space:normal;word-break:break-word}
+.bad{color:#b00020;font-weight:600}.warn{color:#9a6700}
+svg{display:block;margin:6px 0}svg text{font:11px system-ui,sans-serif;fill:#333}
+.note{color:#666;font-size:13px}ul.a{color:#555;font-size:13px}
+.hist{display:inline-block;margin:0 16px 16px 0;vertical-align:top}
+"""
+
+BAR_W = 560  # px of the longest bar
+ROW_H = 16
+
+
+def _colour(what: str, v: float) -> str:
+    if what == "bits":
+        return "#3b7dd8"
+    return "#d1344b" if v < SQNR_RED_DB else "#e0a100" if v < SQNR_YELLOW_DB else "#2e9b57"
+
+
+def _num(what: str, v: float) -> str:
+    return f"{v:.2f}" if what == "bits" else _fmt_sqnr(v)
+
+
+def _bars_svg(points: list[Point], what: str, title: str) -> str:
+    prefix = _common_prefix([p.name for p in points])
+    label_w = min(420, 7 * max(len(p.name) - len(prefix) for p in points) + 10)
+    finite = [p.value for p in points if not math.isinf(p.value)]
+    top = max([*finite, 8.0] if what == "bits" else finite or [1.0])
+    h = ROW_H * len(points) + 24
+    w = label_w + BAR_W + 70
+    out = [f'<svg class="bars" role="img" aria-label="{escape(title)}" width="{w}" '
+           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">']
+    for i, p in enumerate(points):
+        y = i * ROW_H + 4
+        frac = 1.0 if math.isinf(p.value) else max(0.0, p.value / top) if top > 0 else 0.0
+        name = escape(p.name[len(prefix):])
+        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{name}</text>'
+                   f'<rect x="{label_w}" y="{y + 1}" width="{frac * BAR_W:.1f}" '
+                   f'height="{ROW_H - 4}" fill="{_colour(what, p.value)}"><title>{escape(p.name)}'
+                   f': {_num(what, p.value)}</title></rect>'
+                   f'<text x="{label_w + frac * BAR_W + 4:.1f}" y="{y + 11}">'
+                   f'{_num(what, p.value)}</text>')
+    axis_y = ROW_H * len(points) + 8
+    out.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + BAR_W}" y2="{axis_y}" '
+               f'stroke="#999"/><text x="{label_w}" y="{axis_y + 12}">0</text>'
+               f'<text x="{label_w + BAR_W}" y="{axis_y + 12}" text-anchor="end">{top:.4g} '
+               f'{"bits" if what == "bits" else "dB"}</text></svg>')
+    note = f'<p class="note">names start with <code>{escape(prefix)}</code></p>' if prefix \
+        else ""
+    return note + "".join(out)
+
+
+def _heatmap_svg(points: list[Point], what: str, title: str) -> str:
+    grid = layer_grid(points)
+    if grid is None:
+        return ""
+    layers, modules, cells, _ = grid
+    cw, ch, left, topm = 64, 18, 56, 70
+    w, h = left + cw * len(modules) + 90, topm + ch * len(layers) + 8
+    out = [f'<svg class="heat" role="img" aria-label="{escape(title)}" width="{w}" '
+           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">']
+    for j, m in enumerate(modules):
+        x = left + j * cw + cw / 2
+        out.append(f'<text transform="translate({x:.0f},{topm - 6}) rotate(-35)">'
+                   f'{escape(m)}</text>')
+    for i, layer in enumerate(layers):
+        y = topm + i * ch
+        out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{layer}</text>')
+        for j, m in enumerate(modules):
+            v = cells.get((layer, m))
+            if v is None:
+                continue
+            x = left + j * cw
+            out.append(f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" '
+                       f'fill="{_colour(what, v)}" fill-opacity="0.8"><title>layer {layer} '
+                       f'{escape(m)}: {_num(what, v)}</title></rect>'
+                       f'<text x="{x + cw - 6}" y="{y + 12}" text-anchor="end" '
+                       f'style="fill:#fff">{_num(what, v)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _hist_svg(hg: Histogram) -> str:
+    w, h, pad = 520, 190, 28
+    lo, hi = hg.edges[0], hg.edges[-1]
+    span = hi - lo
+    top = max(hg.counts) or 1
+
+    def x(v: float) -> float:
+        return pad + (v - lo) / span * (w - 2 * pad)
+
+    out = [f'<svg class="hist-svg" role="img" aria-label="histogram of {escape(hg.name)}" '
+           f'width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           'xmlns="http://www.w3.org/2000/svg">']
+    base = h - pad
+    bw = (w - 2 * pad) / len(hg.counts)
+    for i, n in enumerate(hg.counts):
+        bh = n / top * (h - 2 * pad)
+        out.append(f'<rect x="{pad + i * bw:.1f}" y="{base - bh:.1f}" '
+                   f'width="{max(bw - 0.5, 0.5):.1f}" height="{bh:.1f}" fill="#7a8fa6"/>')
+    # The grid: every representable value as a thin line; at 8 bits they are dense, so they
+    # are drawn light and the two ends (the clipping range) dark.
+    # One path of vertical strokes keeps 256 levels to a few KB.
+    d = "".join(f"M{x(v):.1f} {pad - 4}V{base}" for v in hg.grid)
+    out.append(f'<path class="grid" d="{d}" stroke="#d1344b" stroke-width="0.7" '
+               f'stroke-opacity="{0.6 if len(hg.grid) <= 32 else 0.3}" fill="none"/>')
+    for v in (hg.grid[0], hg.grid[-1]):
+        out.append(f'<line x1="{x(v):.1f}" y1="{pad - 8}" x2="{x(v):.1f}" y2="{base}" '
+                   'stroke="#d1344b" stroke-width="1.5"/>')
+    out.append(f'<line x1="{pad}" y1="{base}" x2="{w - pad}" y2="{base}" stroke="#999"/>'
+               f'<text x="{pad}" y="{h - 10}">{lo:.3g}</text>'
+               f'<text x="{w - pad}" y="{h - 10}" text-anchor="end">{hi:.3g}</text></svg>')
+    return "".join(out)
+
+
+def _hist_block(hg: Histogram) -> str:
+    clip = f"; {hg.clipped} values beyond the grid's ends (clipped)" if hg.clipped else ""
+    return (f'<div class="hist"><b>{escape(hg.name)}</b> — SQNR {_fmt_sqnr(hg.sqnr_db)} dB'
+            f'<br><span class="note">{escape(hg.unit)}; {escape(hg.source)}; '
+            f'{hg.levels} grid levels (red){clip}</span>{_hist_svg(hg)}</div>')
+
+
+def _totals_html(report: Report) -> str:
+    heads = "".join(f"<th>{escape(lb)}</th>" for lb in _after_labels(report))
+    rows = [f'<table class="totals"><tr><th class="n">totals</th><th>before</th>{heads}</tr>']
+    for key, before, afters in _totals_lines(report):
+        cells = "".join(f"<td>{escape(a)}</td>" for a in afters)
+        rows.append(f'<tr><td class="n">{escape(key)}</td><td>{escape(before)}</td>{cells}</tr>')
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _tensor_table(report: Report, sort: str | None, top: int | None) -> str:
+    rows = report.sorted_rows(sort, top)
+    heads = ["tensor", "shape", "size"]
+    for lb in report.labels:
+        p = "" if report.kind == "artifact" else f"{lb} "
+        heads += [f"{p}setting", f"{p}stored", f"{p}bits/w", f"{p}SQNR dB", f"{p}max err"]
+    out = ['<table class="tensors"><tr>' + "".join(
+        f'<th{" class=n" if i == 0 else ""}>{escape(x)}</th>' for i, x in enumerate(heads))
+        + "</tr>"]
+    for r in rows:
+        cells = [f'<td class="n">{escape(r.name)}</td><td>{_fmt_shape(r.shape)}</td>'
+                 f"<td>{human_bytes(r.original_bytes)}</td>"]
+        for rec in r.results:
+            if rec.spec is None or rec.stats is None:
+                why = escape(rec.passthrough or "kept")
+                cells.append(f'<td class="n">kept: {why}</td><td>{human_bytes(rec.stored_bytes)}'
+                             "</td><td></td><td></td><td></td>")
+                continue
+            s = rec.stats.sqnr_db
+            cls = ' class="bad"' if s < SQNR_RED_DB else ' class="warn"' \
+                if s < SQNR_YELLOW_DB else ""
+            bpw = bits_per_weight(rec)
+            cells.append(f"<td>{escape(rec.spec.scheme)} {rec.spec.bits}b</td>"
+                         f"<td>{human_bytes(rec.stored_bytes)}</td>"
+                         f"<td>{'' if bpw is None else f'{bpw:.2f}'}</td>"
+                         f"<td{cls}>{_fmt_sqnr(s)}</td><td>{_fmt_err(rec.stats.max_abs_error)}"
+                         "</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    if len(rows) < len(report.rows):
+        out.append(f'<p class="note">showing {len(rows)} of {len(report.rows)} tensors</p>')
+    return "".join(out)
+
+
+def to_html(report: Report, hists: list[Histogram], hist_note: str | None = None,
+            sort: str | None = None, top: int | None = None) -> str:
+    """The page (see the module docstring)."""
+    title = f"qtool report {report.path}"
+    parts = ['<!doctype html><html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width,initial-scale=1">',
+             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
+             f"<h1>{escape(title)}</h1><p class=\"sub\">{escape(_subtitle(report))}</p>",
+             f'<p class="sub">qtool {escape(__version__)}</p>']
+    for g, label in enumerate(report.labels):
+        suffix = "" if report.kind == "artifact" else f": {label}"
+        for what, name in (("sqnr", "SQNR per tensor (dB)"), ("bits", "Bits per weight")):
+            points = chart_points(report, what, g)
+            parts.append(f"<h2>{escape(name + suffix)}</h2>")
+            if not points:
+                parts.append('<p class="note">no tensor is quantized</p>')
+                continue
+            parts.append(_heatmap_svg(points, what, name))
+            parts.append(_bars_svg(points, what, name))
+        t = report.totals[g]
+        if t.worst is not None:
+            parts.append(f"<p>worst tensor{escape(suffix)}: <b>{escape(t.worst.name)}</b>, "
+                         f"SQNR {_fmt_sqnr(t.worst.sqnr_db)} dB</p>")
+    parts.append("<h2>Worst tensors: weights and the quantization grid</h2>")
+    if hists:
+        parts += [_hist_block(h) for h in hists]
+    else:
+        parts.append(f'<p class="note">{escape(hist_note or "no tensor is quantized")}</p>')
+    parts.append("<h2>Totals and estimates</h2>" + _totals_html(report))
+    parts.append('<p class="note">estimates (docs/ENERGY.md):</p><ul class="a">' + "".join(
+        f"<li>{escape(a)}</li>" for a in assumptions(report.energy_model, report.workload))
+        + "</ul>")
+    for o in report.offenders:
+        parts.append(f'<p class="bad">FAIL {escape(o.message())}</p>')
+    parts.append("<h2>Tensors</h2>" + _tensor_table(report, sort, top))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
