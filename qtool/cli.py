@@ -103,7 +103,8 @@ def cli() -> None:
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads (default 0: one per core). Output is identical for any N.")
 @click.option("--source-digest", is_flag=True,
-              help="Also record the sha256 of the whole source file(s) (reads them once more).")
+              help="Also record the BLAKE3 digest of the whole source file(s) (reads them "
+                   "once more).")
 @click.option("--force", is_flag=True, help="Replace an earlier qtool artifact in OUT_DIR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
@@ -161,7 +162,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads (default 0: one per core).")
 @click.option("--verify", "verify_", is_flag=True,
-              help="Check every file's size and sha256 against the manifest first.")
+              help="Check every file's size and digest against the manifest first.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT file.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
 def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, force: bool,
@@ -197,7 +198,8 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, f
 @click.argument("art_dir", type=FilePath())
 @click.option("--quiet", "-q", is_flag=True, help="Print only the problems, if any.")
 def verify(art_dir: Path, quiet: bool) -> int:
-    """Check the artifact ART_DIR: every file's size and sha256 against qtool.json, every
+    """Check the artifact ART_DIR: qtool.json against its own digest, every file's size and
+    digest (BLAKE3; SHA-256 in format_version 1) against qtool.json, every
     tensor's dtype and shape, each quantized tensor's scale and zero point, and that the
     integers, scales and zero points are inside their scheme's range. Exit 0 when all holds,
     2 otherwise, with one line per problem on stderr."""
@@ -214,7 +216,7 @@ def verify(art_dir: Path, quiet: bool) -> int:
     m = art.manifest
     n_q = sum(1 for t in m.tensors if t.quantized)
     _err_console(quiet).print(
-        f"{art_dir}: ok: {len(m.files)} files match their size and sha256; {len(m.tensors)} "
+        f"{art_dir}: ok: {len(m.files)} files match their size and {m.digest}; {len(m.tensors)} "
         f"tensors ({n_q} quantized) have the recorded dtypes, shapes and ranges",
         markup=False, soft_wrap=True)
     return EXIT_OK
@@ -267,7 +269,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads for a dry run or --original (default 0: one per core).")
 @click.option("--verify", "verify_", is_flag=True,
-              help="Artifact: check every file's size and sha256 against the manifest first.")
+              help="Artifact: check every file's size and digest against the manifest first.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 @click.pass_context
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import blake3
 import ml_dtypes
 import numpy as np
 import pytest
@@ -115,21 +116,20 @@ def test_skip_and_only(ckpt, tmp_path):
 
 
 def test_manifest_contents(ckpt, tmp_path):
-    import hashlib
-
     out = tmp_path / "o"
     run("quantize", ckpt, out, "--scheme", "gnmt", "--source-digest", "-q")
     m = json.loads((out / "qtool.json").read_text())
-    assert m["format_version"] == 1 and m["qtool_version"] == __version__
+    assert m["format_version"] == 2 and m["qtool_version"] == __version__
+    assert m["digest"] == "blake3"
     raw = ckpt.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     src = m["source"]["files"][0]
     assert src["name"] == "model.safetensors" and src["size"] == len(raw)
-    assert src["header_sha256"] == hashlib.sha256(raw[: 8 + n]).hexdigest()
-    assert src["sha256"] == hashlib.sha256(raw).hexdigest()
+    assert src["header_blake3"] == blake3.blake3(raw[: 8 + n]).hexdigest()
+    assert src["blake3"] == blake3.blake3(raw).hexdigest()
     for name, info in m["files"].items():
         data = (out / name).read_bytes()
-        assert info == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert info == {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
     by = {t["name"]: t for t in m["tensors"]}
     t = by["layers.0.mlp.up.weight"]
     assert (t["dtype"], t["shape"], t["scheme"], t["bits"], t["granularity"],

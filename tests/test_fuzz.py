@@ -12,7 +12,6 @@ its peak RSS after every command and the test bounds it too.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -25,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import blake3
 import ml_dtypes
 import numpy as np
 import pytest
@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from qtool.formats._common import DTYPES
+from qtool.formats.manifest import seal
 
 ADDRESS_SPACE_LIMIT = 2 << 30  # bytes of virtual memory the worker may map
 FILE_SIZE_LIMIT = 64 << 20  # no output file may grow beyond this (inputs are ~1 KB)
@@ -404,8 +405,8 @@ def test_mutated_artifacts(qtool, artifact_template, data):
             if resealed:  # as an attacker would: only the deeper checks can tell
                 m = json.loads((art / "qtool.json").read_text())
                 m["files"][target] = {"size": len(blob),
-                                      "sha256": hashlib.sha256(blob).hexdigest()}
-                (art / "qtool.json").write_text(json.dumps(m))
+                                      "blake3": blake3.blake3(blob).hexdigest()}
+                (art / "qtool.json").write_text(seal(m))
                 log.append("resealed")
         restored = Path(tmp) / "r.safetensors"
         r = qtool("dequantize", art, restored, "-q")

@@ -16,9 +16,12 @@ from qtool import __version__
 from qtool.core.metrics import ErrorStats
 from qtool.core.schemes import QuantSpec, SpecError
 from qtool.core.shapes import param_shape, stored_shape
+from qtool.formats import digest as _digest
 from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 1 recorded SHA-256 file digests and had no manifest digest; it stays readable."""
 
 
 MANIFEST = "qtool.json"
@@ -125,12 +128,22 @@ class TensorRecord:
                 return rec
             if dtype not in FLOAT_CODES:
                 raise ValueError(f"a quantized tensor must be a float dtype, not {dtype}")
-            spec_keys = ("scheme", "bits", "granularity", "group_size", "range", "percentile")
-            rec.spec = QuantSpec(**{k: d[k] for k in spec_keys if k in d})
+            # Every key the spec depends on must be there: a missing one is an error, never
+            # QuantSpec's default (which would silently change how the integers are read).
+            spec_keys = ["scheme", "bits", "granularity", "range"]
+            spec_keys += ["group_size"] if d["granularity"] == "group" else []
+            spec_keys += ["percentile"] if d["range"] == "percentile" else []
+            missing = [k for k in spec_keys if k not in d]
+            if missing:
+                raise KeyError(missing[0])
+            rec.spec = QuantSpec(**{k: d[k] for k in spec_keys})
             if "metrics" in d:
                 rec.stats = ErrorStats.from_dict(d["metrics"])  # validates the values
             return rec
-        except (KeyError, TypeError, ValueError, OverflowError, SpecError) as e:
+        except KeyError as e:
+            raise ArtifactError(
+                f"{where}: tensor entry {d.get('name')!r:.80} has no {str(e):.40}") from None
+        except (TypeError, ValueError, OverflowError, SpecError, AttributeError) as e:
             raise ArtifactError(
                 f"{where}: malformed tensor entry {d!r:.80}: {str(e):.100}") from None
 
@@ -144,19 +157,21 @@ class Manifest:
     index: str | None = None  # the index file name, for sharded artifacts
     qtool_version: str = __version__
     format_version: int = FORMAT_VERSION
+    digest: str = _digest.DEFAULT  # the algorithm of every digest in the manifest
 
     def to_json(self) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "format": "qtool",
             "format_version": self.format_version,
             "qtool_version": self.qtool_version,
+            "digest": self.digest,
             "source": self.source,
             "shards": self.shards,
             "index": self.index,
             "files": self.files,
             "tensors": [t.to_json() for t in self.tensors],
         }
-        return json.dumps(doc, indent=1) + "\n"
+        return seal(doc)
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
@@ -170,20 +185,26 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != "qtool":
             raise ArtifactError(f"{where}: not a qtool manifest")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise ArtifactError(
-                f"{where}: unknown format_version {version!r:.40}; "
-                f"this qtool ({__version__}) reads format_version {FORMAT_VERSION}"
+                f"{where}: unknown format_version {version!r:.40}; this qtool ({__version__}) "
+                f"reads format_version {', '.join(map(str, READABLE_VERSIONS))}"
             )
+        algorithm = _check_guard(doc, text, where) if version >= 2 else "sha256"
         try:
+            missing = [k for k in _REQUIRED if k not in doc]
+            if missing:
+                raise ArtifactError(f"{where}: required field {missing[0]!r} is missing")
             tensors = [TensorRecord.from_json(t, where) for t in doc["tensors"]]
             m = cls(
                 source=dict(doc["source"]),
                 tensors=tensors,
                 files={str(k): dict(v) for k, v in doc["files"].items()},
                 shards=list(doc["shards"]),
-                index=doc.get("index"),
-                qtool_version=str(doc.get("qtool_version", "?")),
+                index=doc["index"],
+                qtool_version=str(doc["qtool_version"]),
+                format_version=version,
+                digest=algorithm,
             )
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ArtifactError(f"{where}: missing or malformed field {str(e):.100}") from None
@@ -201,6 +222,11 @@ class Manifest:
         for name in [*self.files, *self.shards, *([self.index] if self.index else [])]:
             if not is_plain_name(name):
                 raise ArtifactError(f"{where}: file name {name!r:.80} is not a plain name")
+        for name, info in self.files.items():
+            if set(info) != {"size", self.digest} or type(info["size"]) is not int or \
+                    info["size"] < 0 or not _is_hex(info[self.digest], self.digest):
+                raise ArtifactError(f"{where}: file {name!r:.80} needs exactly a size and a "
+                                    f"{self.digest} digest, not {info!r:.80}")
         if self.index is None and len(self.shards) != 1:
             raise ArtifactError(
                 f"{where}: {len(self.shards)} shards but no index (a single-file artifact "
@@ -216,3 +242,54 @@ class Manifest:
                     f"{where}: tensor {t.name!r:.80} is in {t.file!r:.80}, which is not one of "
                     "the shards"
                 )
+
+
+_REQUIRED = ("qtool_version", "source", "shards", "index", "files", "tensors")
+
+
+def _serialize(doc: dict[str, Any]) -> str:
+    """The bytes qtool writes for a manifest document (readers check a version-2 manifest is
+    exactly this, so that even an edit that keeps the meaning, such as 1e-05 -> 1E-05, shows)."""
+    return json.dumps(doc, indent=1) + "\n"
+
+
+def seal(doc: dict[str, Any]) -> str:
+    """The text of a manifest document with its manifest_digest (re)computed. The digest
+    catches accidents and naive edits; it is no signature (anyone can seal a document)."""
+    doc = {k: v for k, v in doc.items() if k != "manifest_digest"}
+    doc["manifest_digest"] = canonical_digest(doc, doc.get("digest", _digest.DEFAULT))
+    return _serialize(doc)
+
+
+def canonical_digest(doc: dict[str, Any], algorithm: str) -> str:
+    """The digest of a manifest's canonical content: every field but ``manifest_digest``, as
+    JSON with sorted keys, no whitespace, UTF-8 (docs/FORMAT.md)."""
+    body = {k: v for k, v in doc.items() if k != "manifest_digest"}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _digest.of_bytes(canon.encode("utf-8"), algorithm)
+
+
+def _is_hex(value: object, algorithm: str) -> bool:
+    return (isinstance(value, str) and len(value) == _digest.HEX_LENGTH[algorithm]
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _check_guard(doc: dict[str, Any], text: str, where: str) -> str:
+    """The manifest's guard (format_version 2): its algorithm is known, its manifest_digest is
+    the digest of its canonical content, and the file is exactly as qtool writes it. Returns
+    the algorithm."""
+    algorithm = doc.get("digest")
+    if algorithm not in _digest.ALGORITHMS:
+        raise ArtifactError(f"{where}: unknown or missing digest algorithm {algorithm!r:.40} "
+                            f"(known: {', '.join(_digest.ALGORITHMS)})")
+    want = doc.get("manifest_digest")
+    if not _is_hex(want, algorithm):
+        raise ArtifactError(f"{where}: manifest_digest is missing or not a {algorithm} digest")
+    got = canonical_digest(doc, algorithm)
+    if got != want:
+        raise ArtifactError(f"{where}: the manifest was changed after it was written (its "
+                            f"content does not match its manifest_digest)")
+    if _serialize(doc) != text:
+        raise ArtifactError(f"{where}: the manifest was changed after it was written (same "
+                            "content, different bytes than qtool writes)")
+    return algorithm

@@ -8,7 +8,6 @@ See docs/FORMAT.md. For every input shard ``<stem>.safetensors`` the artifact di
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from qtool.core import packing
 from qtool.core.shapes import rows_cols
+from qtool.formats import digest as _digest
 from qtool.formats._common import CheckpointError
 from qtool.formats.manifest import (
     MANIFEST,
@@ -156,10 +156,11 @@ class Artifact:
         return names
 
     def file_problems(self) -> list[str]:
-        """Size and sha256 of every file against the manifest's ``files``, one line per
-        problem. A file the artifact uses but the manifest does not list is a problem too:
-        nothing would vouch for its contents."""
+        """Size and digest (the algorithm the manifest names) of every file against the
+        manifest's ``files``, one line per problem. A file the artifact uses but the manifest
+        does not list is a problem too: nothing would vouch for its contents."""
         problems: list[str] = []
+        algorithm = self.manifest.digest
         for name, info in self.manifest.files.items():
             try:
                 p = self.path(name)
@@ -173,14 +174,14 @@ class Artifact:
                         f"{p}: size {size} differs from the manifest's {info.get('size')!r:.40}"
                     )
                     continue
-                want = info.get("sha256")
+                want = info.get(algorithm)
                 if not isinstance(want, str):
-                    problems.append(f"{p}: the manifest records no sha256 for it")
+                    problems.append(f"{p}: the manifest records no {algorithm} for it")
                     continue
-                with open(p, "rb") as f:
-                    got = hashlib.file_digest(f, "sha256").hexdigest()
+                got = _digest.of_file(p, algorithm)
                 if got != want:
-                    problems.append(f"{p}: sha256 {got} differs from the manifest's {want:.64}")
+                    problems.append(f"{p}: {algorithm} {got} differs from the manifest's "
+                                    f"{want:.64}")
             except ArtifactError as e:
                 problems.append(str(e))
             except OSError as e:
@@ -188,12 +189,12 @@ class Artifact:
         for name in self.used_files():
             if name not in self.manifest.files:
                 problems.append(
-                    f"{self.root / name}: not listed in the manifest's files (no size or sha256)"
+                    f"{self.root / name}: not listed in the manifest's files (no size or digest)"
                 )
         return problems
 
     def verify_files(self) -> None:
-        """Raise ArtifactError naming the first file whose size or sha256 is not as recorded."""
+        """Raise ArtifactError naming the first file whose size or digest is not as recorded."""
         problems = self.file_problems()
         if problems:
             n = len(problems) - 1

@@ -4,7 +4,6 @@ index (for a sharded input) and ``qtool.json`` (docs/FORMAT.md)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qtool.core.shapes import param_shape, stored_shape
+from qtool.formats import digest as _digest
 from qtool.formats.manifest import MANIFEST, Manifest, TensorRecord, sidecar_names
 from qtool.formats.registry import OutTensor, PlannedTensor
 from qtool.formats.writer import SafetensorsWriter
@@ -81,7 +81,7 @@ class NativeSink:
     def _close_shard(self) -> None:
         for w, fname in zip(self._writers, self._names, strict=True):
             w.close()
-            self.files[fname] = {"size": w.size, "sha256": w.sha256}
+            self.files[fname] = {"size": w.size, w.algorithm: w.digest}
         self._writers, self._names = (), ()
 
     def finish(self, records: list[TensorRecord], source: dict[str, Any],
@@ -91,7 +91,8 @@ class NativeSink:
         if index_name is not None:
             data = _index_bytes(records, index_metadata)
             (self.root / index_name).write_bytes(data)
-            self.files[index_name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            self.files[index_name] = {"size": len(data),
+                                      _digest.DEFAULT: _digest.of_bytes(data, _digest.DEFAULT)}
         manifest = Manifest(source=source, tensors=records, files=self.files,
                             shards=self.shards, index=index_name)
         (self.root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

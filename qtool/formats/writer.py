@@ -5,7 +5,6 @@ the caller computes the next piece."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from qtool.formats import digest as _digest
 from qtool.formats._common import DTYPES
 
 # --------------------------------------------------------------------------------------------
@@ -31,8 +31,8 @@ class SafetensorsWriter:
 
     The full header is computed from ``entries`` (``(name, dtype code, shape)`` in write
     order) and written up front; tensors are then written one by one, in that order, with
-    :meth:`write`, or in consecutive pieces with :meth:`write_chunk`. The sha256 of the file
-    is computed as bytes go out (``digest=False`` skips it).
+    :meth:`write`, or in consecutive pieces with :meth:`write_chunk`. The digest of the file
+    (``algorithm``, BLAKE3 by default) is computed as bytes go out (``digest=False`` skips it).
 
     With ``background=True`` a thread of the writer's own writes and hashes the data while the
     caller computes the next piece (both release the GIL): ``write``/``write_chunk`` only
@@ -53,6 +53,7 @@ class SafetensorsWriter:
         metadata: dict[str, str] | None = None,
         *,
         digest: bool = True,
+        algorithm: str = _digest.DEFAULT,
         background: bool = False,
         queue_depth: int = 3,
     ) -> None:
@@ -96,8 +97,9 @@ class SafetensorsWriter:
         self.header_bytes = struct.pack("<Q", len(blob)) + blob
         self._size = len(self.header_bytes) + pos
         self._next = 0
-        self._hash = hashlib.sha256() if digest else None
-        self._sha256: str | None = None
+        self.algorithm = algorithm
+        self._hash = _digest.new(algorithm) if digest else None
+        self._hexdigest: str | None = None
         self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         self._file = open(self._tmp, "xb")  # closed in close() / abort()
         try:
@@ -133,11 +135,12 @@ class SafetensorsWriter:
         return self._size
 
     @property
-    def sha256(self) -> str:
-        """Hex sha256 of the whole file; available after :meth:`close` (with digest=True)."""
-        if self._sha256 is None:
-            raise ValueError(f"{self.path}: sha256 is only available after close()")
-        return self._sha256
+    def digest(self) -> str:
+        """Hex digest (:attr:`algorithm`) of the whole file; available after :meth:`close`
+        (with digest=True)."""
+        if self._hexdigest is None:
+            raise ValueError(f"{self.path}: the digest is only available after close()")
+        return self._hexdigest
 
     @property
     def pending(self) -> list[str]:
@@ -288,7 +291,7 @@ class SafetensorsWriter:
             _unlink_quietly(self._tmp)
             raise
         if self._hash is not None:
-            self._sha256 = self._hash.hexdigest()
+            self._hexdigest = self._hash.hexdigest()
 
     def abort(self) -> None:
         """Discard the output (removes the temporary file); idempotent."""

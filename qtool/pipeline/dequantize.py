@@ -35,7 +35,7 @@ def dequantize_artifact(
 ) -> Iterator[TensorResult]:
     """Restore a float checkpoint from an artifact. For a sharded artifact ``out`` is a
     directory that receives the shards and the index under their original names. ``verify``
-    checks every file's size and sha256 against the manifest first."""
+    checks every file's size and digest against the manifest first."""
     src = open_source(art_dir)
     if verify:
         src.verify_files()

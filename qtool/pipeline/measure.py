@@ -3,7 +3,6 @@ measuring run (an artifact against its original float checkpoint)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +16,13 @@ from qtool.core.metrics import ErrorStats
 from qtool.core.quant import dequantize, quantize
 from qtool.core.schemes import QuantSpec, SpecError
 from qtool.core.shapes import compute_dtype, rows_cols
+from qtool.formats import digest as _digest
 from qtool.formats._common import CheckpointError, TensorInfo
 from qtool.formats.manifest import MANIFEST, ArtifactError, Manifest, TensorRecord, sidecar_names
 from qtool.formats.native import Artifact
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
 from qtool.pipeline.plan import _SCALE_OVERFLOW, QuantizeOptions, TensorResult, make_plan
-from qtool.pipeline.staging import _sha256_file
 from qtool.pipeline.streams import _jobs
 
 # --------------------------------------------------------------------------- measuring (report)
@@ -127,7 +126,7 @@ def _source_entries(m: Manifest, where: str) -> list[dict]:
 
 def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
     """Check that ``original`` (file, index or directory) is what ``art`` was made from: the
-    same number of shards, each with the manifest's size and header sha256 (and full sha256
+    same number of shards, each with the manifest's size and header digest (and full digest
     when the manifest has one). Returns {shard name in the manifest: file of the original}."""
     where = str(art.root / MANIFEST)
     entries = _source_entries(art.manifest, where)
@@ -150,6 +149,7 @@ def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
             )
         pairs = [(e, by_name[e["name"]]) for e in entries]
     found: dict[str, Path] = {}
+    alg = art.manifest.digest  # the source's digests are in the manifest's algorithm
     for entry, path in pairs:
         what = f"the artifact {art.root} was made from {entry['name']!r}"
         with SafetensorsFile(path) as sf:
@@ -159,15 +159,15 @@ def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
                 f"{path}: size {size} differs from the {entry.get('size')!r:.30} bytes of the "
                 f"source ({what}); is this the original?"
             )
-        digest = hashlib.sha256(header_bytes).hexdigest()
-        if digest != entry.get("header_sha256"):
+        digest = _digest.of_bytes(header_bytes, alg)
+        if digest != entry.get(f"header_{alg}"):
             raise CheckpointError(
-                f"{path}: header sha256 {digest} differs from the source's ({what}); "
+                f"{path}: header {alg} {digest} differs from the source's ({what}); "
                 "is this the original?"
             )
-        if "sha256" in entry and _sha256_file(path) != entry["sha256"]:
+        if alg in entry and _digest.of_file(path, alg) != entry[alg]:
             raise CheckpointError(
-                f"{path}: sha256 differs from the source's ({what}); its tensor data changed"
+                f"{path}: {alg} differs from the source's ({what}); its tensor data changed"
             )
         found[entry["name"]] = path
     if len(entries) == 1 and len(art.manifest.shards) == 1:

@@ -9,7 +9,6 @@ output (or the previous complete one).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.schemes import QuantSpec
+from qtool.formats import digest as _digest
 from qtool.formats import hf_folder
 from qtool.formats._common import CheckpointError, TensorInfo
 from qtool.formats.manifest import TensorRecord
@@ -24,7 +24,7 @@ from qtool.formats.registry import SINKS, OutTensor, PlannedTensor, Sink
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
 from qtool.pipeline.plan import Plan, QuantizeOptions, TensorResult, make_plan
-from qtool.pipeline.staging import _check_output_dir, _sha256_file, _Staging
+from qtool.pipeline.staging import _check_output_dir, _Staging
 from qtool.pipeline.streams import (
     _blas_single_threaded,
     _Buffers,
@@ -35,6 +35,8 @@ from qtool.pipeline.streams import (
     quantized_chunks,
     raw_chunks,
 )
+
+ALGORITHM = _digest.DEFAULT  # of the source's digests: the one the manifest names
 
 # --------------------------------------------------------------------------- quantize
 
@@ -81,7 +83,7 @@ class QuantizeRun:
             if self.opts.source_digest:
                 def digest_all() -> None:
                     for p in self.ckpt.shards:
-                        digests[p] = _sha256_file(p)
+                        digests[p] = _digest.of_file(p, ALGORITHM)
                 digest_thread = threading.Thread(target=digest_all, daemon=True)
                 digest_thread.start()
             records: list[TensorRecord] = []
@@ -97,10 +99,10 @@ class QuantizeRun:
                 sf = files[p]
                 entry: dict[str, object] = {
                     "name": p.name, "size": sf.size,
-                    "header_sha256": hashlib.sha256(sf.header_bytes).hexdigest(),
+                    f"header_{ALGORITHM}": _digest.of_bytes(sf.header_bytes, ALGORITHM),
                 }
                 if p in digests:
-                    entry["sha256"] = digests[p]
+                    entry[ALGORITHM] = digests[p]
                 source_files.append(entry)
             source = {"files": source_files,
                       "index": self.ckpt.index_path.name if self.ckpt.index_path else None}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from qtool.formats.manifest import ArtifactError
+from qtool.formats.manifest import ArtifactError, seal
 from qtool.formats.native import Artifact
 from tests.conftest import ROOT, make_tensors, run, write_checkpoint
 
@@ -68,7 +68,7 @@ def test_unknown_format_version_names_supported_one(tmp_path):
     out = _artifact(tmp_path)
     m = json.loads((out / "qtool.json").read_text())
     m["format_version"] = 99
-    (out / "qtool.json").write_text(json.dumps(m))
+    (out / "qtool.json").write_text(seal(m))
     with pytest.raises(ArtifactError, match="unknown format_version 99.*reads format_version 1"):
         Artifact.open(out)
     r = run("dequantize", out, tmp_path / "r.safetensors", expect=2)
@@ -90,7 +90,7 @@ def test_sidecar_shape_mismatch_is_caught(tmp_path):
     save_file(scales, str(out / "m.scale.safetensors"))
     m = json.loads((out / "qtool.json").read_text())
     m["files"]["m.scale.safetensors"]["size"] = (out / "m.scale.safetensors").stat().st_size
-    (out / "qtool.json").write_text(json.dumps(m))
+    (out / "qtool.json").write_text(seal(m))
     with pytest.raises(ArtifactError, match=r"layers.0.attn.q.weight.*\[3, 1\].*\[32, 1\]"):
         Artifact.open(out)
 
@@ -106,6 +106,6 @@ def test_manifest_file_names_cannot_escape(tmp_path):
     out = _artifact(tmp_path)
     m = json.loads((out / "qtool.json").read_text())
     m["files"]["../evil"] = {"size": 1}
-    (out / "qtool.json").write_text(json.dumps(m))
+    (out / "qtool.json").write_text(seal(m))
     with pytest.raises(ArtifactError, match="not a plain name"):
         Artifact.open(out)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 from pathlib import Path
 
+import blake3
 import ml_dtypes
 import numpy as np
 import pytest
@@ -587,7 +587,7 @@ def test_writer_read_by_safetensors_library(tmp_path):
         for n, a in tensors.items():
             w.write(n, a)
     blob = p.read_bytes()
-    assert w.sha256 == hashlib.sha256(blob).hexdigest()
+    assert w.digest == blake3.blake3(blob).hexdigest()
     assert w.size == len(blob)
 
     # header layout: metadata first, then entries in order, contiguous, padded to 8
@@ -663,15 +663,15 @@ def test_writer_accepts_bytes_views_and_noncontiguous(tmp_path):
     assert same(got["from_memoryview"], raw.reshape(2, 5))
     assert same(got["from_uint8"], raw.reshape(5, 2))
     assert same(got["flat_for_2d"], transposed.reshape(8, 6))
-    assert w.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert w.digest == blake3.blake3(p.read_bytes()).hexdigest()
 
 
 def test_writer_errors(tmp_path):
     p = tmp_path / "o.safetensors"
     entries = [("a", "F32", (2,)), ("b", "U8", (3,))]
     w = SafetensorsWriter(p, entries)
-    with pytest.raises(ValueError, match="sha256 is only available after close"):
-        _ = w.sha256
+    with pytest.raises(ValueError, match="digest is only available after close"):
+        _ = w.digest
     with pytest.raises(ValueError, match="out of order; expected 'a'"):
         w.write("b", b"abc")
     with pytest.raises(ValueError, match="got 12 bytes, expected 8"):
@@ -713,7 +713,7 @@ def test_writer_empty_file(tmp_path):
     with SafetensorsWriter(p, []) as w:
         pass
     assert load_file(p) == {}
-    assert w.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert w.digest == blake3.blake3(p.read_bytes()).hexdigest()
     with SafetensorsFile(p) as f:
         assert len(f) == 0 and f.metadata is None
 
@@ -736,7 +736,7 @@ def test_writer_reader_round_trip_property(tmp_path, specs, meta):
                            metadata=meta) as w:  # fmt: skip
         for n, a in tensors.items():
             w.write(n, a)
-    assert w.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert w.digest == blake3.blake3(p.read_bytes()).hexdigest()
     with SafetensorsFile(p) as f:
         assert f.metadata == meta
         assert [t.name for t in f.tensors] == list(tensors)

@@ -4,13 +4,13 @@ and bounded memory."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import ml_dtypes
 import numpy as np
 import pytest
@@ -99,7 +99,7 @@ def test_sharded_round_trip(tmp_path):
     assert set(m["files"]) == expected - {"qtool.json"}
     for name, info in m["files"].items():
         blob = (out / name).read_bytes()
-        assert info == {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}, name
+        assert info == {"size": len(blob), "blake3": blake3.blake3(blob).hexdigest()}, name
     assert [t["name"] for t in m["tensors"]] == [
         n for s in shards for n in tensor_order(index.parent / s)]
 
@@ -313,7 +313,7 @@ def test_streaming_writer_files_read_back_with_safetensors(tmp_path):
                 piece = flat[i:i + 1000].copy()
                 w.write_chunk(name, piece, release=lambda n=name, i=i: released.append((n, i)))
     blob = p.read_bytes()
-    assert w.sha256 == hashlib.sha256(blob).hexdigest() and w.size == len(blob)
+    assert w.digest == blake3.blake3(blob).hexdigest() and w.size == len(blob)
     assert len(released) == sum(-(-a.size // 1000) for a in tensors.values() if a.size)
     back = load_file(p)
     for name, a in tensors.items():
@@ -338,7 +338,7 @@ def test_streaming_writer_without_digest_and_chunk_errors(tmp_path):
         w.write_chunk("a", np.arange(2, 4, dtype=np.float32))
     np.testing.assert_array_equal(load_file(p)["a"], [0, 1, 2, 3])
     with pytest.raises(ValueError, match="only available after close"):
-        _ = w.sha256
+        _ = w.digest
 
 
 def test_streaming_writer_background_error_is_raised_and_leaves_nothing(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import pytest
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
+from qtool.formats.manifest import seal
 from qtool.report.model import Report, artifact_report
 from qtool.report.tables import render_report
 from tests.conftest import ROOT, SAMPLE, make_tensors, run, write_checkpoint
@@ -478,7 +479,7 @@ def _corrupt_manifest(out):
 def _no_metrics(out):
     m = _manifest(out)
     next(t for t in m["tensors"] if "metrics" in t).pop("metrics")
-    (out / "qtool.json").write_text(json.dumps(m))
+    (out / "qtool.json").write_text(seal(m))
 
 
 def _transposed_scale(out):
@@ -749,14 +750,14 @@ def test_original_that_is_not_the_source_exits_2(tmp_path):
     other = write_checkpoint(tmp_path / "other.safetensors", renamed, {"format": "pt"})
     assert other.stat().st_size == src.stat().st_size
     res = run("report", out, "--original", other, expect=2)
-    assert "header sha256" in res.stderr
-    # the same header, one value changed: only the full sha256 (--source-digest) tells
+    assert "header blake3" in res.stderr
+    # the same header, one value changed: only the full digest (--source-digest) tells
     data = bytearray(src.read_bytes())
     data[-1] ^= 0x01
     changed = tmp_path / "changed.safetensors"
     changed.write_bytes(bytes(data))
     res = run("report", out, "--original", changed, expect=2)
-    assert "sha256 differs" in res.stderr and res.stdout == ""
+    assert "blake3 differs" in res.stderr and res.stdout == ""
 
 
 # --------------------------------------------------------------------------- sharded
