@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from qtool.formats import digest as _digest
 from qtool.formats._common import CheckpointError
 
 CONFIG = "config.json"
@@ -37,12 +37,13 @@ def other_files(root: Path) -> list[Path]:
 
 def describe(root: Path) -> dict[str, Any]:
     """What a manifest records of a model folder: its absolute path and each non-weight
-    file's relative name, size and sha256 (so that an export can tell it changed)."""
+    file's relative name, size and digest (the manifest's algorithm, BLAKE3), so that an export
+    can tell it changed."""
     files = []
     for p in other_files(root):
-        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        h = _digest.of_bytes(p.read_bytes(), _digest.DEFAULT)
         files.append({"name": p.relative_to(root).as_posix(), "size": p.stat().st_size,
-                      "sha256": h})
+                      _digest.DEFAULT: h})
     return {"path": str(root.resolve()), "files": files}
 
 

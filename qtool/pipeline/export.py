@@ -8,7 +8,6 @@ written into a staging directory renamed into place at the end (pipeline/staging
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.core.shapes import rows_cols
+from qtool.formats import digest as _digest
 from qtool.formats import hf_folder
 from qtool.formats._common import DTYPES, CheckpointError, TensorInfo
 from qtool.formats.compressed_tensors_sink import CompressedTensorsSink
@@ -58,7 +58,7 @@ def export_artifact(art_dir: str | Path, out_dir: str | Path, to: str = "compres
         if not model.is_dir():
             raise CheckpointError(f"{model}: the model folder recorded in {art_dir} is gone; "
                                   "pass --model-dir DIR")
-        warnings += _changed_files(model, recorded)
+        warnings += _changed_files(model, recorded, src.manifest.digest)
     else:
         model = Path(model_dir)
         if not model.is_dir():
@@ -74,13 +74,13 @@ def export_artifact(art_dir: str | Path, out_dir: str | Path, to: str = "compres
     return result
 
 
-def _changed_files(model: Path, recorded: dict) -> list[str]:
+def _changed_files(model: Path, recorded: dict, alg: str) -> list[str]:
     out = []
     for f in recorded.get("files") or []:
         p = model / str(f.get("name"))
         if not p.is_file():
             out.append(f"{p}: recorded at quantize time, now missing")
-        elif hashlib.sha256(p.read_bytes()).hexdigest() != f.get("sha256"):
+        elif _digest.of_bytes(p.read_bytes(), alg) != f.get(alg):
             out.append(f"{p}: changed since quantize time")
     return out
 
