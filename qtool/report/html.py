@@ -83,8 +83,18 @@ def _heatmap_svg(points: list[Point], what: str, title: str) -> str:
     if grid is None:
         return ""
     layers, modules, cells, _ = grid
-    cw, ch, left, topm = 64, 18, 56, 70
+    cw, ch, left, topm = 64, 18, 56, 100
     w, h = left + cw * len(modules) + 90, topm + ch * len(layers) + 8
+    # Darker is worse (lower SQNR) or costlier (more bits per weight), within this model.
+    finite = [v for v in cells.values() if not math.isinf(v)]
+    lo, hi = min(finite, default=0.0), max(finite, default=0.0)
+
+    def opacity(v: float) -> float:
+        if math.isinf(v) or hi <= lo:
+            return 0.5
+        rel = (hi - v) / (hi - lo) if what == "sqnr" else (v - lo) / (hi - lo)
+        return 0.35 + 0.65 * rel
+
     out = [f'<svg class="heat" role="img" aria-label="{escape(title)}" width="{w}" '
            f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">']
     for j, m in enumerate(modules):
@@ -100,7 +110,8 @@ def _heatmap_svg(points: list[Point], what: str, title: str) -> str:
                 continue
             x = left + j * cw
             out.append(f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" '
-                       f'fill="{_colour(what, v)}" fill-opacity="0.8"><title>layer {layer} '
+                       f'fill="{_colour(what, v)}" fill-opacity="{opacity(v):.2f}">'
+                       f'<title>layer {layer} '
                        f'{escape(m)}: {_num(what, v)}</title></rect>'
                        f'<text x="{x + cw - 6}" y="{y + 12}" text-anchor="end" '
                        f'style="fill:#fff">{_num(what, v)}</text>')

@@ -218,3 +218,21 @@ def test_quantize_prints_a_quality_line(tmp_path):
     r = run("quantize", src, tmp_path / "q2", "-g", "tensor")
     assert f"worst tensor {worst}" in " ".join(r.stderr.split())
     assert "quality: SQNR" in r.stderr
+
+
+def test_readme_chart_is_what_the_command_prints(tmp_path, monkeypatch):
+    """README shows `qtool report demo_out --chart` of `make demo`: the same text."""
+    from tests.conftest import ROOT, SAMPLE
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    run("quantize", SAMPLE, "demo_out", "--scheme", "gnmt", "-q")
+    got = [ln.rstrip() for ln in run("report", "demo_out", "--chart").stdout.splitlines()]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = readme.index("    $ qtool report demo_out --chart") + 1
+    shown = []
+    for ln in readme[start:]:
+        if not ln.startswith("    "):
+            break
+        shown.append(ln[4:].rstrip())
+    assert shown == got
