@@ -26,8 +26,12 @@ class _Silent:
 def _err_console(quiet: bool = False) -> Console:
     if quiet:
         return _Silent()  # type: ignore[return-value]
+    import os
+
     from rich.console import Console
 
+    if os.environ.get("NO_COLOR"):  # every escape code goes, bold and dim included
+        return Console(stderr=True, highlight=False, no_color=True, color_system=None)
     return Console(stderr=True, quiet=quiet, highlight=False)
 
 

@@ -154,6 +154,10 @@ def test_no_color_removes_every_escape_on_a_terminal(tmp_path, monkeypatch):
     assert not ESC.search(plain) and "SQNR" in plain
     assert not ESC.search(run("report", src, "--chart").stdout)
     assert _out_console().no_color
+    # The quantize summary on stderr too (its labels are bold on a terminal).
+    assert not ESC.search(run("quantize", src, tmp_path / "q1").stderr)
+    monkeypatch.delenv("NO_COLOR")
+    assert ESC.search(run("quantize", src, tmp_path / "q2").stderr)
 
 
 def test_latency_area_and_lookup_from_the_cli(tmp_path):
