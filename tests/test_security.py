@@ -78,10 +78,12 @@ CORPUS: list[tuple[str, bytes, str, str | None]] = [
     # the 8-byte length prefix and the header
     ("empty_file", b"", "file is 0 bytes, too short for the 8-byte header length", None),
     ("seven_bytes", b"\x10\x00\x00\x00\x00\x00\x00", "file is 7 bytes, too short", None),
-    ("header_beyond_file", raw_file({}, length=4096), "header length 4096 runs beyond the end of "
-     "the file (16 bytes)", None),
+    # The length read from the file is not echoed (issue 15: never echo bytes of a file
+    # that failed validation).
+    ("header_beyond_file", raw_file({}, length=4096), "header length (first 8 bytes) runs "
+     "beyond the end of the file (16 bytes)", None),
     ("header_over_cap", raw_file({}, length=100_000_001),
-     "header length 100000001 exceeds the 100000000-byte limit", None),
+     "header length (first 8 bytes) exceeds the 100000000-byte limit", None),
     ("header_u64_max", raw_file({}, length=2**64 - 1), "exceeds the 100000000-byte limit", None),
     ("header_not_utf8", raw_file(b'{"\xc3\x28": 1}'), "header is not valid UTF-8 (byte 10)", None),
     ("header_not_json", raw_file(b'{"layer.w": {"dtype": "F32",'), "header is not valid JSON",
@@ -593,10 +595,9 @@ def test_dequantize_verify_catches_same_size_tampering(art, tmp_path):
     _patch_tensor(art / "model.scale.safetensors", "zeros.weight", lambda s: s * 2)
     # the cheap checks cannot see it: sizes and shapes are unchanged
     run("dequantize", art, tmp_path / "r.safetensors", "-q")
-    got = blake3.blake3((art / "model.scale.safetensors").read_bytes()).hexdigest()
     want = _manifest(art)["files"]["model.scale.safetensors"]["blake3"]
-    message = (f"{art / 'model.scale.safetensors'}: blake3 {got} differs from the manifest's "
-               f"{want}")
+    # The digest of the tampered bytes is not echoed, only the recorded one.
+    message = f"{art / 'model.scale.safetensors'}: blake3 differs from the manifest's {want}"
     assert_one_line_error(run("dequantize", art, tmp_path / "r2.safetensors", "--verify",
                               expect=2), message)
     assert not (tmp_path / "r2.safetensors").exists()
@@ -644,7 +645,7 @@ def _v_flipped_byte(art: Path) -> list[str]:
     data = bytearray(p.read_bytes())
     data[-1] ^= 0x01  # the last byte belongs to the last tensor's data
     p.write_bytes(data)
-    return [f"{p}: blake3 {blake3.blake3(data).hexdigest()} differs from the manifest's"]
+    return [f"{p}: blake3 differs from the manifest's"]
 
 
 @_verify_case
@@ -808,7 +809,7 @@ HOSTILE_MANIFESTS: list[tuple[str, Callable[[dict], None], str]] = [
     ("two_shards_no_index", lambda m: m["shards"].append("model2.safetensors"),
      "2 shards but no index"),
     ("shape_infinite", lambda m: _q(m).update({"shape": [float("inf"), 3]}),
-     "shape is not a list of non-negative integers"),
+     "not valid JSON (Infinity is not a JSON value)"),  # json.dumps writes the literal
     ("name_not_string", lambda m: _q(m).update({"name": 5}),
      "name, file and dtype must be strings"),
     ("quantized_int_dtype", lambda m: _q(m).update({"dtype": "I64"}),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,10 +115,16 @@ def _pairs_hook(pairs: list[tuple[str, Any]]) -> _Obj:
     return _Obj(pairs)
 
 
+def reject_constant(name: str) -> Any:
+    """``parse_constant`` for json.loads: NaN, Infinity and -Infinity are not JSON (Python
+    accepts them by default, and would copy them into outputs other readers refuse)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _parse_json(text: str) -> Any:
     """json.loads keeping objects as :class:`_Obj` pair lists. Raises ValueError."""
     try:
-        return json.loads(text, object_pairs_hook=_pairs_hook)
+        return json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=reject_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -140,22 +145,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def _open_regular(path: Path) -> int:
-    """Open a regular file read-only; never blocks on FIFOs, rejects non-regular files."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: not a regular file")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path, what: str) -> None:

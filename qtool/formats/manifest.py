@@ -17,7 +17,7 @@ from qtool.core.metrics import ErrorStats
 from qtool.core.schemes import QuantSpec, SpecError
 from qtool.core.shapes import param_shape, stored_shape
 from qtool.formats import digest as _digest
-from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError
+from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, reject_constant
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -121,8 +121,10 @@ class TensorRecord:
                     type(x) is int and x >= 0 for x in shape):
                 raise ValueError("shape is not a list of non-negative integers")
             rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape))
-            rec.original_bytes = int(d["bytes"]["original"])
-            rec.stored_bytes = int(d["bytes"]["stored"])
+            sizes = (d["bytes"]["original"], d["bytes"]["stored"])
+            if not all(type(v) is int and v >= 0 for v in sizes):
+                raise ValueError("bytes must hold non-negative integers")
+            rec.original_bytes, rec.stored_bytes = sizes
             if "passthrough" in d:
                 rec.passthrough = str(d["passthrough"])
                 return rec
@@ -176,8 +178,8 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
         try:
-            doc = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            doc = json.loads(text, parse_constant=reject_constant)
+        except (ValueError, UnicodeDecodeError) as e:
             msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             raise ArtifactError(f"{where}: not valid JSON ({msg})") from None
         except RecursionError:
@@ -185,6 +187,7 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != "qtool":
             raise ArtifactError(f"{where}: not a qtool manifest")
         version = doc.get("format_version")
+        # `true == 1` in Python: the type is checked too, so that only an integer passes.
         if type(version) is not int or version not in READABLE_VERSIONS:
             raise ArtifactError(
                 f"{where}: unknown format_version {version!r:.40}; this qtool ({__version__}) "

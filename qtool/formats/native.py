@@ -9,6 +9,7 @@ See docs/FORMAT.md. For every input shard ``<stem>.safetensors`` the artifact di
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from qtool.core import packing
 from qtool.core.shapes import rows_cols
 from qtool.formats import digest as _digest
-from qtool.formats._common import CheckpointError
+from qtool.formats._common import CheckpointError, reject_constant
 from qtool.formats.manifest import (
     MANIFEST,
     MANIFEST_SIZE_LIMIT,
@@ -28,6 +29,7 @@ from qtool.formats.manifest import (
     is_plain_name,
     sidecar_names,
 )
+from qtool.formats.safeio import open_regular, read_capped, regular_problem, stat_in
 from qtool.formats.safetensors import SafetensorsFile
 
 
@@ -51,17 +53,16 @@ class Artifact:
         if not root.is_dir():
             raise ArtifactError(f"{root}: no such artifact directory")
         mpath = root / MANIFEST
-        if not mpath.is_file():
+        if stat_in(root, MANIFEST) is None:
             raise ArtifactError(f"{root}: not a qtool artifact (no {MANIFEST})")
+        # Capped, non-blocking and not through a symlink: a hostile manifest must not make
+        # us read gigabytes, hang on a FIFO, or read a file outside the artifact.
+        raw = read_capped(mpath, MANIFEST_SIZE_LIMIT, "manifest", in_dir=root,
+                          error=ArtifactError)
         try:
-            # Capped: a hostile manifest must not make us read gigabytes into memory.
-            with open(mpath, "rb") as f:
-                raw = f.read(MANIFEST_SIZE_LIMIT + 1)
-            if len(raw) > MANIFEST_SIZE_LIMIT:
-                raise ArtifactError(f"{mpath}: over the {MANIFEST_SIZE_LIMIT}-byte limit")
             text = raw.decode("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{mpath}: cannot read ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{mpath}: cannot read ({e.reason} at byte {e.start})") from None
         return cls(root, Manifest.from_json(text, str(mpath)))
 
     def path(self, name: str) -> Path:
@@ -70,25 +71,31 @@ class Artifact:
             raise ArtifactError(f"{self.root / MANIFEST}: file name {name!r} is not a plain name")
         return self.root / name
 
+    def open_file(self, name: str) -> SafetensorsFile:
+        """One of the artifact's safetensors files, opened relative to its directory (a
+        symlink or a non-regular file is refused)."""
+        return SafetensorsFile(self.path(name), in_dir=self.root)
+
     def check(self) -> None:
         """Cheap checks: every file present with its recorded size; every quantized tensor has
         its integers, scale and zero point with the shapes and dtypes the manifest gives."""
         for name, info in self.manifest.files.items():
             p = self.path(name)
-            if not p.is_file():
-                raise ArtifactError(f"{self.root}: missing file {name}")
-            if "size" in info and p.stat().st_size != info["size"]:
-                raise ArtifactError(
-                    f"{p}: size {p.stat().st_size} differs from the manifest's {info['size']}"
-                )
+            problem = regular_problem(self.root, name)
+            if problem is not None:
+                if problem.startswith("missing"):
+                    raise ArtifactError(f"{self.root}: missing file {name}")
+                raise ArtifactError(f"{p}: {problem}")
+            size = os.stat(p, follow_symlinks=False).st_size
+            if "size" in info and size != info["size"]:
+                raise ArtifactError(f"{p}: size {size} differs from the manifest's {info['size']}")
         by_file: dict[str, list[TensorRecord]] = {}
         for t in self.manifest.tensors:
             by_file.setdefault(t.file, []).append(t)
         for shard, records in by_file.items():
             scale_name, zp_name = sidecar_names(shard)
-            with SafetensorsFile(self.path(shard)) as main, \
-                    SafetensorsFile(self.path(scale_name)) as sc, \
-                    SafetensorsFile(self.path(zp_name)) as zp:
+            with self.open_file(shard) as main, self.open_file(scale_name) as sc, \
+                    self.open_file(zp_name) as zp:
                 for t in records:
                     if t.name not in main:
                         raise ArtifactError(f"{main.path}: tensor {t.name!r} is missing")
@@ -121,14 +128,9 @@ class Artifact:
         its weight_map places every tensor where the manifest does."""
         assert self.manifest.index is not None
         p = self.path(self.manifest.index)
+        raw = read_capped(p, MANIFEST_SIZE_LIMIT, "index", in_dir=self.root, error=ArtifactError)
         try:
-            with open(p, "rb") as f:
-                raw = f.read(MANIFEST_SIZE_LIMIT + 1)
-            if len(raw) > MANIFEST_SIZE_LIMIT:
-                raise ArtifactError(f"{p}: over the {MANIFEST_SIZE_LIMIT}-byte limit")
-            doc = json.loads(raw.decode("utf-8"))
-        except OSError as e:
-            raise ArtifactError(f"{p}: cannot read ({e.strerror or e})") from None
+            doc = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise ArtifactError(f"{p}: not a valid JSON index ({str(e):.80})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict) or \
@@ -164,10 +166,11 @@ class Artifact:
         for name, info in self.manifest.files.items():
             try:
                 p = self.path(name)
-                if not p.is_file():
-                    problems.append(f"{p}: missing (the manifest lists it)")
+                problem = regular_problem(self.root, name)
+                if problem is not None:
+                    problems.append(f"{p}: {problem}")
                     continue
-                size = p.stat().st_size
+                size = os.stat(p, follow_symlinks=False).st_size
                 if size != info.get("size"):
                     # The hash cannot match either; reading the file would only cost time.
                     problems.append(
@@ -178,10 +181,17 @@ class Artifact:
                 if not isinstance(want, str):
                     problems.append(f"{p}: the manifest records no {algorithm} for it")
                     continue
-                got = _digest.of_file(p, algorithm)
+                # Hashed through a descriptor opened without following a symlink (a file
+                # swapped for one after the check above is refused, not read).
+                fd = open_regular(p, in_dir=self.root, error=ArtifactError)
+                try:
+                    got = _digest.of_file(_fd_path(fd, p), algorithm)
+                finally:
+                    os.close(fd)
                 if got != want:
-                    problems.append(f"{p}: {algorithm} {got} differs from the manifest's "
-                                    f"{want:.64}")
+                    # The digest of the bytes found is not shown: nothing read from a file
+                    # that failed its check is echoed.
+                    problems.append(f"{p}: {algorithm} differs from the manifest's {want:.64}")
             except ArtifactError as e:
                 problems.append(str(e))
             except OSError as e:
@@ -218,7 +228,7 @@ class Artifact:
             try:
                 for name in (shard, *sidecar_names(shard)):
                     try:
-                        opened.append(SafetensorsFile(self.path(name)))
+                        opened.append(self.open_file(name))
                     except CheckpointError as e:
                         problems.append(str(e))
                         opened.append(None)
@@ -228,6 +238,13 @@ class Artifact:
                     if f is not None:
                         f.close()
         return problems
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    """A path naming exactly the open file ``fd`` (Linux /proc/self/fd), for hashing APIs that
+    take a path; elsewhere the path itself, already checked to be a regular file."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
 
 
 def verify(root: str | Path) -> list[str]:

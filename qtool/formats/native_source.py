@@ -20,10 +20,10 @@ class NativeShard:
 
     def __init__(self, art: Artifact, shard: str) -> None:
         scale_name, zp_name = sidecar_names(shard)
-        self.main = SafetensorsFile(art.path(shard))
+        self.main = art.open_file(shard)
         try:
-            self.scale = SafetensorsFile(art.path(scale_name))
-            self.zero_point = SafetensorsFile(art.path(zp_name))
+            self.scale = art.open_file(scale_name)
+            self.zero_point = art.open_file(zp_name)
         except BaseException:
             self.main.close()
             raise

@@ -40,12 +40,12 @@ from qtool.formats._common import (
     _is_nonneg_int,
     _json_kind,
     _Obj,
-    _open_regular,
     _parse_json,
     _pread_exact,
     _short,
     aligned_buffer,
 )
+from qtool.formats.safeio import not_this_format, open_regular, sniff
 
 # --------------------------------------------------------------------------------------------
 # reader
@@ -67,15 +67,27 @@ class SafetensorsFile:
     metadata: dict[str, str] | None
     tensors: list[TensorInfo]
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, in_dir: Path | None = None) -> None:
+        """``in_dir``: the file is one of an artifact's, opened relative to that directory
+        and refused if it is a symlink (see :func:`qtool.formats.safeio.open_regular`)."""
         self.path = Path(path)
         self._label = str(path)
         self._fd = -1
-        fd = _open_regular(self.path)
+        fd = open_regular(self.path, in_dir=in_dir)
         try:
             self.size = os.fstat(fd).st_size
             self._fd = fd
-            self._parse()
+            try:
+                self._parse()
+            except CheckpointError:
+                # A model file of another format fails the first checks with a confusing
+                # message ("header length ... exceeds"): say what it is instead.
+                head = bytearray(min(self.size, 4096))
+                _pread_exact(fd, memoryview(head), 0, self.path, "file")
+                kind = sniff(bytes(head), self.path.name)
+                if kind is None:
+                    raise
+                raise CheckpointError(not_this_format(self.path, kind)) from None
         except BaseException:
             self._fd = -1
             os.close(fd)
@@ -96,10 +108,14 @@ class SafetensorsFile:
         _pread_exact(self._fd, memoryview(prefix), 0, self.path, "header length")
         (n,) = struct.unpack("<Q", prefix)
         if n > HEADER_SIZE_LIMIT:
-            raise self._fail(f"header length {n} exceeds the {HEADER_SIZE_LIMIT}-byte limit")
+            # The value itself is not shown: the bytes of a file that fails validation are
+            # never echoed (it could be any file, not a checkpoint at all).
+            raise self._fail(f"header length (first 8 bytes) exceeds the "
+                             f"{HEADER_SIZE_LIMIT}-byte limit; not a safetensors file?")
         if n > self.size - 8:
             raise self._fail(
-                f"header length {n} runs beyond the end of the file ({self.size} bytes)"
+                f"header length (first 8 bytes) runs beyond the end of the file "
+                f"({self.size} bytes); truncated, or not a safetensors file?"
             )
         raw = bytearray(8 + n)
         raw[:8] = prefix

@@ -15,12 +15,13 @@ from qtool.formats._common import (
     _dup_key,
     _json_kind,
     _Obj,
-    _open_regular,
     _parse_json,
     _plain,
     _pread_exact,
     _short,
 )
+from qtool.formats.safeio import not_this_format, sniff
+from qtool.formats.safeio import open_regular as _open_regular
 from qtool.formats.safetensors import SafetensorsFile
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +132,9 @@ def _open_index(p: Path) -> Checkpoint:
         raise CheckpointError(f"{label}: index metadata is nested too deeply") from None
 
     if "weight_map" not in top:
+        kind = sniff(raw[:4096], p.name)
+        if kind is not None and "config" in kind:
+            raise CheckpointError(not_this_format(p, kind))
         raise CheckpointError(f"{label}: index has no weight_map")
     wm = top["weight_map"]
     if not isinstance(wm, _Obj):

@@ -203,9 +203,9 @@ class MeasureRun:
             for shard in m.shards:
                 records = [t for t in m.tensors if t.file == shard]
                 scale_name, zp_name = sidecar_names(shard)
-                with SafetensorsFile(self.art.path(shard)) as main, \
-                        SafetensorsFile(self.art.path(scale_name)) as sc, \
-                        SafetensorsFile(self.art.path(zp_name)) as zp, \
+                with self.art.open_file(shard) as main, \
+                        self.art.open_file(scale_name) as sc, \
+                        self.art.open_file(zp_name) as zp, \
                         SafetensorsFile(self.originals[shard]) as orig:
                     for rec in records:
                         if rec.spec is None:

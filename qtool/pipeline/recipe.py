@@ -24,6 +24,7 @@ import tomllib
 from pathlib import Path
 
 from qtool.core.schemes import GRANULARITIES, RANGE_METHODS, SCHEMES, QuantSpec, SpecError
+from qtool.formats.safeio import read_capped
 from qtool.pipeline.plan import Rule
 
 # The settings a rule may give, with the TOML types each accepts. TOML has distinct integer,
@@ -40,6 +41,10 @@ SETTING_KEYS: dict[str, tuple[type, ...]] = {
 RULE_KEYS = ("match", "skip", *SETTING_KEYS)
 _CHOICES = {"scheme": SCHEMES, "granularity": GRANULARITIES, "range": RANGE_METHODS}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+RECIPE_SIZE_LIMIT = 1_000_000
+"""Largest accepted recipe file, in bytes (real ones are a few hundred)."""
 
 
 class RecipeError(SpecError):
@@ -124,10 +129,9 @@ def load_recipe(path: str | Path) -> tuple[Rule, ...]:
     without rules.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    # Non-blocking, regular files only and capped: `--recipe /dev/zero` or a FIFO must not
+    # hang or fill memory.
+    data = read_capped(path, RECIPE_SIZE_LIMIT, "recipe", error=RecipeError)
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:

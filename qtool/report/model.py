@@ -22,6 +22,7 @@ from qtool.core.metrics import ErrorStats
 from qtool.core.schemes import QuantSpec
 from qtool.formats._common import DTYPES, CheckpointError
 from qtool.formats.manifest import TensorRecord
+from qtool.formats.safeio import read_capped
 from qtool.report.energy import (
     EnergyEstimate,
     EnergyModel,
@@ -89,13 +90,8 @@ def load_energy_model(path: str | Path) -> EnergyModel:
     """The figures of ``--energy-model FILE.json`` (see docs/ENERGY.md); ReportError naming
     the file when it cannot be read or is malformed."""
     p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            raw = f.read(ENERGY_MODEL_SIZE_LIMIT + 1)
-    except OSError as e:
-        raise ReportError(f"{p}: cannot read the energy model ({e.strerror or e})") from None
-    if len(raw) > ENERGY_MODEL_SIZE_LIMIT:
-        raise ReportError(f"{p}: energy model over the {ENERGY_MODEL_SIZE_LIMIT}-byte limit")
+    # Non-blocking and regular files only: a FIFO must not hang the report.
+    raw = read_capped(p, ENERGY_MODEL_SIZE_LIMIT, "energy model", error=ReportError)
     try:
         # parse_constant: NaN/Infinity are not JSON, and not energy figures either.
         doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
