@@ -12,7 +12,6 @@ from qtool.core.shapes import rows_cols
 from qtool.formats.manifest import Manifest, TensorRecord, sidecar_names
 from qtool.formats.native import Artifact
 from qtool.formats.registry import InTensor
-from qtool.formats.safetensors import SafetensorsFile
 
 
 class NativeShard:
