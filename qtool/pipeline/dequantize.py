@@ -15,7 +15,7 @@ from qtool.core.blocks import Mapper
 from qtool.core.quant import dequantize_rows
 from qtool.core.schemes import SpecError
 from qtool.core.shapes import compute_dtype, rows_cols
-from qtool.formats._common import DTYPES, FLOAT_CODES
+from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError
 from qtool.formats.manifest import TensorRecord
 from qtool.formats.registry import SOURCES, InTensor, Source
 from qtool.formats.writer import SafetensorsWriter
@@ -51,7 +51,7 @@ def dequantize_artifact(
     elif out.exists() and not force:
         # It could be the user's original checkpoint: never replace a file unasked.
         raise OutputError(f"{out}: file exists (use --force to replace it)")
-    return _dequantize_run(src, out, dtype, jobs)
+    return _dequantize_run(src, out, dtype, jobs, force)
 
 
 def open_source(path: str | Path, kind: str = "qtool") -> Source:
@@ -59,9 +59,11 @@ def open_source(path: str | Path, kind: str = "qtool") -> Source:
     return SOURCES[kind](Path(path))
 
 
-def _dequantize_run(src: Source, out: Path, dtype: str, jobs: int) -> Iterator[TensorResult]:
+def _dequantize_run(src: Source, out: Path, dtype: str, jobs: int,
+                    force: bool = False) -> Iterator[TensorResult]:
     m = src.manifest
-    stage = _Staging(out)
+    # A sharded restore is a new directory (never replaced); one file may be, with --force.
+    stage = _Staging(out, replace=force and m.index is None)
     pool = ThreadPoolExecutor(max_workers=_jobs(jobs))
     try:
         for shard in m.shards:
@@ -76,6 +78,9 @@ def _dequantize_run(src: Source, out: Path, dtype: str, jobs: int) -> Iterator[T
             stage.commit_dir()
         else:
             stage.commit_file(m.shards[0])
+    except OSError as e:
+        stage.discard()
+        raise stage.error(e) from None
     except BaseException:
         stage.discard()
         raise
@@ -125,6 +130,11 @@ def _dequantize_streamed(t: InTensor, out_dtype: np.dtype, w: SafetensorsWriter,
     if rows == 0 or cols == 0:
         w.write(rec.name, b"")
         return
+    if not np.isfinite(scale).all():
+        # Not a range problem a wider --dtype could solve: the artifact itself is broken.
+        raise CheckpointError(
+            f"{t.file.path}: tensor {rec.name!r} has scales that are not finite; the artifact "
+            "is corrupt (qtool verify lists its problems)")
     # Only when the largest value scale * (q - zero_point) could exceed the output dtype's
     # range is each chunk checked for inf (a pass that is skipped otherwise).
     reach = float(np.max(scale.astype(np.float64) * np.maximum(

@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.schemes import QuantSpec
+from qtool.core.shapes import compute_dtype
 from qtool.formats import digest as _digest
 from qtool.formats import hf_folder
-from qtool.formats._common import CheckpointError, TensorInfo
+from qtool.formats._common import DTYPES, CheckpointError, TensorInfo
 from qtool.formats.manifest import TensorRecord
 from qtool.formats.registry import SINKS, OutTensor, PlannedTensor, Sink
 from qtool.formats.safetensors import SafetensorsFile
@@ -69,7 +72,7 @@ class QuantizeRun:
 
     def _run(self) -> Iterator[TensorResult]:
         files = {p: SafetensorsFile(p) for p in self.ckpt.shards}
-        stage = _Staging(self.out)
+        stage = _Staging(self.out, replace=self.opts.force)
         sink = SINKS[self.opts.output_format](stage.tmp)
         pool = ThreadPoolExecutor(max_workers=_jobs(self.opts.jobs))
         digests: dict[Path, str] = {}
@@ -111,6 +114,11 @@ class QuantizeRun:
                 source["model_folder"] = hf_folder.describe(self.ckpt.root)
             sink.finish(records, source, self.ckpt.index_metadata)
             stage.commit_dir()
+        except OSError as e:
+            # A full disk, a read-only file system, ...: named by the target the user gave.
+            sink.abort()
+            stage.discard()
+            raise stage.error(e) from None
         except BaseException:
             sink.abort()
             stage.discard()
@@ -153,8 +161,37 @@ class QuantizeRun:
                         f"{sf.path}: tensor {info.name!r} {e}; symmetric-unsigned needs values "
                         ">= 0: use --scheme asymmetric, or --skip it"
                     ) from None
+                _check_restorable(sf.path, info, spec, t)
                 rec = TensorRecord(info.name, name, info.dtype, info.shape, spec,
                                    stats=t.stats, original_bytes=info.nbytes,
                                    stored_bytes=stored)
             records.append(rec)
             yield TensorResult(rec, info.nbytes)
+
+
+def _check_restorable(path: Path, info: TensorInfo, spec: QuantSpec, t: OutTensor) -> None:
+    """Refuse a tensor whose restoration in its own dtype would overflow to inf (finite
+    values at the edge of float32, or float16/bfloat16 maxima under asymmetric, whose
+    zero-point offset reaches past them), rather than write an artifact no --dtype restores.
+
+    The extreme restored values are computed exactly as dequantize computes them: (q - z) * s
+    in the compute dtype, cast to the tensor's dtype, for the extreme integers quantize
+    produces (the symmetric schemes never produce qmin = -qmax - 1)."""
+    assert t.scale is not None and t.zero_point is not None
+    if t.scale.size == 0:
+        return
+    dtype = DTYPES[info.dtype]
+    compute = compute_dtype(dtype)
+    lo = -spec.qmax if spec.signed else spec.qmin
+    s = np.asarray(t.scale, np.float32).astype(compute)
+    z = np.asarray(t.zero_point, np.int32).astype(compute)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = [((q - z) * s).astype(dtype) for q in (compute.type(lo), compute.type(spec.qmax))]
+    if all(np.isfinite(e).all() for e in ends):
+        return
+    hint = " or --scheme symmetric" if spec.scheme == "asymmetric" else ""
+    raise CheckpointError(
+        f"{path}: tensor {info.name!r} holds values so close to the largest {info.dtype} that "
+        f"its {spec.scheme} restoration would overflow to inf; keep it in float with --skip"
+        f"{hint}"
+    )

@@ -86,9 +86,11 @@ def _check_cast(out: np.ndarray, path: Path, name: str, out_dtype: np.dtype) -> 
     # A narrower float (float16 tops out at 65504) turns large values into inf: refuse that
     # rather than write a checkpoint that silently holds inf.
     if out.size and not np.isfinite(out).all():
+        # Advice only where it can help: float32 is the widest restored dtype there is.
+        hint = ("restore it with --dtype float32" if out_dtype.itemsize < 4
+                else "no --dtype can hold them")
         raise CheckpointError(
-            f"{path}: tensor {name!r} has values beyond the range of {out_dtype.name}; "
-            "restore it with a wider --dtype"
+            f"{path}: tensor {name!r} has values beyond the range of {out_dtype.name}; {hint}"
         )
 
 
