@@ -7,6 +7,7 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -74,12 +75,16 @@ def artifact_problem(target: Path) -> str | None:
     return None
 
 
-def _identity(p: Path) -> tuple[int, int] | None:
+def _identity(p: Path) -> tuple[int, int, int] | None:
+    """What stands at ``p``: device and inode, and a file's mtime (a file deleted and
+    written anew can get the same inode number); None when nothing does."""
     try:
         st = os.stat(p, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+    # A directory's contents are checked against its manifest instead (its mtime changes
+    # whenever an entry does).
+    return st.st_dev, st.st_ino, 0 if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
 
 
 class _Staging:

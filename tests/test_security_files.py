@@ -1,0 +1,414 @@
+"""Hostile files, publishing races, hangs and messages (issue 15, first half).
+
+Each failure case runs qtool as a user would (the CLI in-process, or the pipeline API where
+a second process is simulated by acting between two steps of a run) and checks the whole
+contract: exit 2 (or the OutputError behind it), exactly one ``qtool: error:`` line naming the
+file and what is wrong, no traceback, nothing partial left beside the target, and every input
+(and whatever another process put at the target) unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qtool.formats import writer as writer_mod
+from qtool.formats.native import verify
+from qtool.pipeline import staging
+from qtool.pipeline.dequantize import dequantize_artifact
+from qtool.pipeline.plan import QuantizeOptions
+from qtool.pipeline.run import quantize_checkpoint
+from qtool.pipeline.staging import OutputError
+from tests.conftest import make_tensors, run, write_checkpoint
+from tests.test_security import assert_one_line_error, leftovers, snapshot
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> Path:
+    d = tmp_path / "in"
+    d.mkdir()
+    return write_checkpoint(d / "model.safetensors")
+
+
+@pytest.fixture
+def art(tmp_path: Path, ckpt: Path) -> Path:
+    out = tmp_path / "art"
+    run("quantize", ckpt, out, "--scheme", "asymmetric", "-q")
+    return out
+
+
+def _user_dir(p: Path) -> dict[str, tuple[bytes, int]]:
+    """A directory of someone else's files at ``p``; returns its snapshot."""
+    p.mkdir(parents=True, exist_ok=True)
+    (p / "notes.txt").write_text("precious\n")
+    (p / "data.bin").write_bytes(os.urandom(64))
+    return snapshot(p)
+
+
+def _fails(tmp_path: Path, args: tuple, *fragments: str, watch: tuple[Path, ...] = ()) -> str:
+    """Run, check the one-line exit-2 contract, that nothing temporary is left anywhere under
+    tmp_path and that the watched trees did not change."""
+    before = {w: snapshot(w) if w.is_dir() else w.read_bytes() for w in watch}
+    line = assert_one_line_error(run(*args, expect=2), *fragments)
+    for d in [tmp_path, *(p for p in tmp_path.rglob("*") if p.is_dir())]:
+        assert leftovers(d) == [], (d, leftovers(d))
+    for w, b in before.items():
+        assert (snapshot(w) if w.is_dir() else w.read_bytes()) == b, w
+    return line
+
+
+# --------------------------------------------------------------------------------------------
+# data loss: --force replaces only a complete artifact checked against its manifest
+
+
+def _bare_manifest(d: Path) -> None:
+    (d / "qtool.json").write_text("{}")
+
+
+def _artifact_plus_user_file(d: Path, art: Path) -> None:
+    os.rename(art, d)
+    (d / "thesis.tex").write_text("do not lose me\n")
+
+
+def _artifact_short_file(d: Path, art: Path) -> None:
+    os.rename(art, d)
+    with open(d / "model.scale.safetensors", "ab") as f:
+        f.write(b"x")
+
+
+def _artifact_symlinked_file(d: Path, art: Path) -> None:
+    os.rename(art, d)
+    outside = d.parent / "elsewhere.safetensors"
+    os.rename(d / "model.safetensors", outside)
+    (d / "model.safetensors").symlink_to(outside)
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d, a: (_user_dir(d), _bare_manifest(d)), "not a qtool artifact this qtool can read"),
+    (lambda d, a: (_user_dir(d), (d / "qtool.json").mkdir()), "not a qtool artifact (no"),
+    (_artifact_plus_user_file, "holds 'thesis.tex', which its qtool.json does not list"),
+    (_artifact_short_file, "'model.scale.safetensors' does not have the size"),
+    (_artifact_symlinked_file, "'model.safetensors' is a symbolic link"),
+], ids=["only_qtool_json", "qtool_json_dir", "extra_user_file", "wrong_size", "symlinked"])
+def test_force_replaces_only_a_checked_artifact(tmp_path, ckpt, art, make, fragment):
+    target = tmp_path / "target"
+    make(target, art)
+    _fails(tmp_path, ("quantize", ckpt, target, "--force", "-q"), f"{target}: {fragment}",
+           "--force replaces only a complete qtool artifact", watch=(target, ckpt.parent))
+
+
+def test_force_replaces_a_complete_artifact(tmp_path, ckpt, art):
+    run("quantize", ckpt, art, "--force", "--scheme", "symmetric", "-q")
+    schemes = {t.get("scheme") for t in json.loads((art / "qtool.json").read_text())["tensors"]}
+    assert schemes == {None, "symmetric"}  # None: the tensors kept in float
+    assert verify(art) == [] and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# publishing never replaces what it did not check
+
+
+def _started(src: Path, out: Path, force: bool = False):
+    """A quantize run that has done its checks and written its first tensor."""
+    it = iter(quantize_checkpoint(src, out, QuantizeOptions(force=force)))
+    next(it)
+    return it
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["renameat2", "lock_file"])
+def test_target_created_meanwhile_is_not_replaced(tmp_path, ckpt, monkeypatch, fallback):
+    if fallback:  # a platform without renameat2: the lock-file path
+        monkeypatch.setattr(staging, "_renameat2", lambda a, b, flags: None)
+    out = tmp_path / "out"
+    it = _started(ckpt, out)
+    theirs = _user_dir(out)
+    with pytest.raises(OutputError, match="was created by another process while qtool was "
+                       "writing; it was left untouched and nothing was written"):
+        list(it)
+    assert snapshot(out) == theirs and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["renameat2", "lock_file"])
+def test_two_runs_into_one_new_target_one_wins(tmp_path, ckpt, monkeypatch, fallback):
+    if fallback:
+        monkeypatch.setattr(staging, "_renameat2", lambda a, b, flags: None)
+    out = tmp_path / "out"
+    first, second = _started(ckpt, out), _started(ckpt, out)
+    list(second)  # the later-started run finishes first and wins
+    winner = snapshot(out)
+    with pytest.raises(OutputError, match="was created by another process"):
+        list(first)
+    assert snapshot(out) == winner and verify(out) == [] and leftovers(tmp_path) == []
+
+
+def test_forced_target_swapped_meanwhile_is_swapped_back(tmp_path, ckpt, art):
+    it = _started(ckpt, art, force=True)
+    os.rename(art, tmp_path / "moved")
+    theirs = _user_dir(art)
+    with pytest.raises(OutputError, match="was changed by another process"):
+        list(it)
+    assert snapshot(art) == theirs and verify(tmp_path / "moved") == []
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_lock_file_is_named(tmp_path, ckpt, monkeypatch):
+    monkeypatch.setattr(staging, "_renameat2", lambda a, b, flags: None)
+    lock = tmp_path / ".out.qtool-lock"
+    lock.write_text("")
+    assert_one_line_error(run("quantize", ckpt, tmp_path / "out", "-q", expect=2),
+                          "another qtool run is writing it", str(lock))
+    # Not ours to remove: only the lock stays, no output and no temporary directory.
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == [lock.name]
+
+
+def test_dequantize_file_created_meanwhile_is_kept(tmp_path, art):
+    out = tmp_path / "restored.safetensors"
+    it = iter(dequantize_artifact(art, out))
+    next(it)
+    out.write_bytes(b"the user's original checkpoint")
+    with pytest.raises(OutputError, match="was created by another process"):
+        list(it)
+    assert out.read_bytes() == b"the user's original checkpoint" and leftovers(tmp_path) == []
+
+
+def test_dequantize_force_file_replaced_meanwhile_is_kept(tmp_path, art):
+    out = tmp_path / "restored.safetensors"
+    out.write_bytes(b"old")
+    it = iter(dequantize_artifact(art, out, force=True))
+    next(it)
+    out.unlink()
+    out.write_bytes(b"new, written by someone else")
+    with pytest.raises(OutputError, match="was changed by another process"):
+        list(it)
+    assert out.read_bytes() == b"new, written by someone else" and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# an artifact that cannot be restored is not written
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("dtype, top, scheme", [
+    (np.float32, F32_MAX, "symmetric"),
+    (np.float32, F32_MAX, "asymmetric"),
+    (np.float16, 65504.0, "asymmetric"),
+    (ml_dtypes.bfloat16, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max), "asymmetric"),
+], ids=["f32_sym", "f32_asym", "f16_asym", "bf16_asym"])
+def test_unrestorable_tensor_is_refused_by_name(tmp_path, dtype, top, scheme):
+    src = tmp_path / "in" / "m.safetensors"
+    src.parent.mkdir()
+    w = np.array([[top, -top, 1.0, 0.5]] * 4, dtype=np.float64).astype(dtype)
+    write_checkpoint(src, {"big.weight": w})
+    _fails(tmp_path, ("quantize", src, tmp_path / "out", "--scheme", scheme, "-q"),
+           f"{src}: tensor 'big.weight' holds values so close to the largest",
+           "restoration would overflow to inf; keep it in float with --skip",
+           watch=(src.parent,))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric", "gnmt", "symmetric-unsigned"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_what_quantizes_near_the_maximum_restores(tmp_path, scheme, dtype):
+    """The refusal is exact: whatever passes restores without inf in its own dtype."""
+    top = float(ml_dtypes.finfo(dtype).max)
+    rng = np.random.default_rng(1)
+    for i, frac in enumerate((0.5, 0.9, 0.99, 0.999, 1.0)):
+        w = rng.uniform(-top * frac, top * frac, (8, 16))
+        if scheme == "symmetric-unsigned":
+            w = np.abs(w)
+        src = write_checkpoint(tmp_path / f"m{i}.safetensors", {"w": w.astype(dtype)})
+        out = tmp_path / f"o{i}"
+        r = run("quantize", src, out, "--scheme", scheme, "-q", expect=None)
+        if r.exit_code == 2:
+            assert "restoration would overflow" in r.stderr
+            continue
+        assert r.exit_code == 0, r.stderr
+        run("dequantize", out, tmp_path / f"r{i}.safetensors", "-q")
+        restored = load_file(str(tmp_path / f"r{i}.safetensors"))["w"]
+        assert np.isfinite(restored.astype(np.float32)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# reading outside an artifact; FIFOs; no echo of bytes
+
+
+def _secret(tmp_path: Path) -> Path:
+    """A file outside the artifact whose bytes must never be shown."""
+    p = tmp_path / "secret"
+    p.write_bytes(b"TOPSECRETPASSWORD" * 4)
+    return p
+
+
+SECRET_LEN8 = str(struct.unpack("<Q", b"TOPSECRE")[0])
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.scale.safetensors", "qtool.json"])
+def test_symlink_inside_artifact_is_refused(tmp_path, art, name):
+    secret = _secret(tmp_path)
+    (art / name).unlink()
+    (art / name).symlink_to(secret)
+    for args in (("dequantize", art, tmp_path / "r.safetensors"), ("report", art),
+                 ("verify", art)):
+        r = run(*args, expect=2)
+        assert "Traceback" not in r.stderr and f"{art / name}: is a symbolic link" in r.stderr
+        assert SECRET_LEN8 not in r.stderr and "TOPSECRE" not in r.stderr
+        assert hashlib.sha256(secret.read_bytes()).hexdigest() not in r.stderr
+    assert not (tmp_path / "r.safetensors").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.zero_point.safetensors",
+                                  "qtool.json"])
+def test_fifo_inside_artifact_does_not_hang(tmp_path, art, name):
+    (art / name).unlink()
+    os.mkfifo(art / name)  # a reader of a FIFO without a writer blocks forever
+    _fails(tmp_path, ("dequantize", art, tmp_path / "r.safetensors"), f"{art / name}",
+           "a FIFO, not a regular file")
+    _fails(tmp_path, ("report", art), f"{art / name}", "a FIFO, not a regular file")
+    r = run("verify", art, expect=2)
+    assert f"{art / name}: a FIFO, not a regular file" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "over_cap"])
+@pytest.mark.parametrize("flag", ["--recipe", "--energy-model"])
+def test_option_files_are_non_blocking_regular_and_capped(tmp_path, ckpt, flag, kind):
+    p = tmp_path / "opt"
+    if kind == "fifo":
+        os.mkfifo(p)
+        fragment = "a FIFO, not a regular file"
+    elif kind == "dev_zero":
+        p = Path("/dev/zero")
+        fragment = "a character device, not a regular file"
+    elif kind == "directory":
+        p.mkdir()
+        fragment = "a directory, not a regular file"
+    else:
+        with open(p, "wb") as f:
+            f.truncate(2_000_000_000)  # sparse: no disk used
+        fragment = "bytes, over the"
+    _fails(tmp_path, ("report", ckpt, flag, p), f"{p}: ", fragment, watch=(ckpt.parent,))
+
+
+# --------------------------------------------------------------------------------------------
+# messages and leniency
+
+
+def test_full_disk_names_the_target_and_what_to_do(tmp_path, ckpt, monkeypatch):
+    def full(self, mv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(writer_mod.SafetensorsWriter, "_put", full)
+    out = tmp_path / "out"
+    line = _fails(tmp_path, ("quantize", ckpt, out, "-q"), f"{out}: no space left on the device",
+                  "free some space or write elsewhere; nothing was written", watch=(ckpt.parent,))
+    assert "qtool-tmp" not in line and not out.exists()
+
+
+def test_unwritable_place_names_the_path_given_not_a_temporary_one(tmp_path, ckpt):
+    out = Path("/proc/qtool-test-out")
+    line = _fails(tmp_path, ("quantize", ckpt, out, "-q"), f"{out}: cannot create the output",
+                  watch=(ckpt.parent,))
+    assert "qtool-tmp" not in line
+
+
+def test_infinite_scale_is_called_corrupt_not_a_dtype_problem(tmp_path, art):
+    from tests.test_security import _patch_tensor
+
+    name = json.loads((art / "qtool.json").read_text())["tensors"][0]["name"]
+    for t in json.loads((art / "qtool.json").read_text())["tensors"]:
+        if "scheme" in t:
+            name = t["name"]
+            break
+    _patch_tensor(art / "model.scale.safetensors", name, lambda s: s * np.float32("inf"))
+    m = json.loads((art / "qtool.json").read_text())
+    m["files"]["model.scale.safetensors"]["size"] = (art / "model.scale.safetensors").stat().st_size
+    (art / "qtool.json").write_text(json.dumps(m))
+    line = _fails(tmp_path, ("dequantize", art, tmp_path / "r.safetensors"),
+                  f"tensor {name!r} has scales that are not finite; the artifact is corrupt")
+    assert "--dtype" not in line
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_literals_are_refused_in_headers(tmp_path, literal):
+    src = tmp_path / "in" / "m.safetensors"
+    src.parent.mkdir()
+    blob = ('{"__metadata__": {"x": %s}, "w": {"dtype": "F32", "shape": [1], '
+            '"data_offsets": [0, 4]}}' % literal).encode()
+    blob += b" " * (-len(blob) % 8)
+    src.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0\0\0\0")
+    _fails(tmp_path, ("quantize", src, tmp_path / "out"), f"{src}: header is not valid JSON",
+           f"{literal.lstrip('-')} is not a JSON value", watch=(src.parent,))
+
+
+def test_non_json_literal_in_index_metadata_is_refused(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_checkpoint(d / "a.safetensors", {"w": np.ones((4, 4), np.float32)})
+    idx = d / "m.safetensors.index.json"
+    idx.write_text('{"metadata": {"total_size": NaN}, "weight_map": {"w": "a.safetensors"}}')
+    _fails(tmp_path, ("quantize", idx, tmp_path / "out"), f"{idx}: index is not valid JSON",
+           "NaN is not a JSON value", watch=(d,))
+
+
+@pytest.mark.parametrize("version", ["true", "1.0"])
+def test_format_version_must_be_the_integer(tmp_path, art, version):
+    text = (art / "qtool.json").read_text()
+    (art / "qtool.json").write_text(text.replace('"format_version": 1', f'"format_version": '
+                                                                      f'{version}', 1))
+    _fails(tmp_path, ("dequantize", art, tmp_path / "r.safetensors"),
+           f"{art / 'qtool.json'}: unknown format_version {version.title() if version == 'true' else version}",
+           watch=(art,))
+
+
+def _torch_zip(p: Path) -> None:
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        z.writestr("archive/data/0", b"\0" * 16)
+
+
+def _npz(p: Path) -> None:
+    np.savez(p, w=np.ones(3))
+
+
+@pytest.mark.parametrize("name, make, kind", [
+    ("model.gguf", lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\0" * 64),
+     "a GGUF file"),
+    ("pytorch_model.bin", _torch_zip, "a PyTorch checkpoint (a zip of pickles"),
+    ("old_model.bin", lambda p: p.write_bytes(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8" + b"\0" * 32),
+     "a Python pickle"),
+    ("model.onnx", lambda p: p.write_bytes(b"\x08\x07\x12\x07pytorch" + b"\0" * 32),
+     "an ONNX model"),
+    ("w.npy", lambda p: np.save(p, np.ones(3)), "a NumPy .npy array"),
+    ("w.npz", _npz, "a NumPy .npz archive"),
+    ("config.json", lambda p: p.write_text('{"architectures": ["LlamaForCausalLM"], '
+                                           '"model_type": "llama"}'), "a model configuration"),
+], ids=["gguf", "torch_zip", "torch_pickle", "onnx", "npy", "npz", "config_json"])
+def test_other_formats_are_named(tmp_path, name, make, kind):
+    d = tmp_path / "in"
+    d.mkdir()
+    p = d / name
+    make(p)
+    for command in ("quantize", "report"):
+        args = (command, p, tmp_path / "out") if command == "quantize" else (command, p)
+        line = _fails(tmp_path, args, f"{p}: this is {kind}", "not a safetensors file",
+                      "qtool reads .safetensors files", watch=(d,))
+        assert "header length" not in line and "weight_map" not in line
+
+
+def test_header_length_of_an_unknown_file_is_not_echoed(tmp_path):
+    p = tmp_path / "in" / "m.safetensors"
+    p.parent.mkdir()
+    p.write_bytes(b"TOPSECRETPASSWORD" * 4)
+    line = _fails(tmp_path, ("quantize", p, tmp_path / "out"), "header length (first 8 bytes)",
+                  watch=(p.parent,))
+    assert SECRET_LEN8 not in line
