@@ -20,7 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from qtool.formats import writer as writer_mod
 from qtool.formats.native import verify
@@ -29,7 +29,7 @@ from qtool.pipeline.dequantize import dequantize_artifact
 from qtool.pipeline.plan import QuantizeOptions
 from qtool.pipeline.run import quantize_checkpoint
 from qtool.pipeline.staging import OutputError
-from tests.conftest import make_tensors, run, write_checkpoint
+from tests.conftest import run, write_checkpoint
 from tests.test_security import assert_one_line_error, leftovers, snapshot
 
 
@@ -342,8 +342,8 @@ def test_infinite_scale_is_called_corrupt_not_a_dtype_problem(tmp_path, art):
 def test_non_json_literals_are_refused_in_headers(tmp_path, literal):
     src = tmp_path / "in" / "m.safetensors"
     src.parent.mkdir()
-    blob = ('{"__metadata__": {"x": %s}, "w": {"dtype": "F32", "shape": [1], '
-            '"data_offsets": [0, 4]}}' % literal).encode()
+    entry = '"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
+    blob = ('{"__metadata__": {"x": ' + literal + "}, " + entry + "}").encode()
     blob += b" " * (-len(blob) % 8)
     src.write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0\0\0\0")
     _fails(tmp_path, ("quantize", src, tmp_path / "out"), f"{src}: header is not valid JSON",
@@ -360,13 +360,13 @@ def test_non_json_literal_in_index_metadata_is_refused(tmp_path):
            "NaN is not a JSON value", watch=(d,))
 
 
-@pytest.mark.parametrize("version", ["true", "1.0"])
-def test_format_version_must_be_the_integer(tmp_path, art, version):
+@pytest.mark.parametrize("version, shown", [("true", "True"), ("1.0", "1.0")])
+def test_format_version_must_be_the_integer(tmp_path, art, version, shown):
     text = (art / "qtool.json").read_text()
     (art / "qtool.json").write_text(text.replace('"format_version": 1', f'"format_version": '
                                                                       f'{version}', 1))
     _fails(tmp_path, ("dequantize", art, tmp_path / "r.safetensors"),
-           f"{art / 'qtool.json'}: unknown format_version {version.title() if version == 'true' else version}",
+           f"{art / 'qtool.json'}: unknown format_version {shown}",
            watch=(art,))
 
 
