@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from qtool.formats import digest as _digest
-from qtool.formats._common import CheckpointError
+from qtool.formats._common import CheckpointError, reject_constant
+from qtool.formats.safeio import open_regular, read_capped
 
 CONFIG = "config.json"
 # Weight files in the layouts Hugging Face folders use: never copied into an export.
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json",
                    ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 MANIFEST_NAMES = ("qtool.json",)
+CONFIG_SIZE_LIMIT = 10_000_000  # bytes; real configs are a few kB
 
 
 def is_model_folder(root: Path) -> bool:
@@ -41,7 +44,13 @@ def describe(root: Path) -> dict[str, Any]:
     can tell it changed."""
     files = []
     for p in other_files(root):
-        h = _digest.of_bytes(p.read_bytes(), _digest.DEFAULT)
+        # Streamed, and through a non-blocking open of a regular file (a FIFO, or a symlink
+        # to a device, must not hang or fill memory).
+        hasher = _digest.new(_digest.DEFAULT)
+        with os.fdopen(open_regular(p), "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                hasher.update(chunk)
+        h = hasher.hexdigest()
         files.append({"name": p.relative_to(root).as_posix(), "size": p.stat().st_size,
                       _digest.DEFAULT: h})
     return {"path": str(root.resolve()), "files": files}
@@ -53,9 +62,10 @@ def read_config(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{root}: no {CONFIG}; a Hugging Face model folder's {CONFIG} is "
                               "needed (pass --model-dir DIR)")
+    raw = read_capped(path, CONFIG_SIZE_LIMIT, CONFIG)
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: not a JSON object")

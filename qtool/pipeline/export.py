@@ -70,7 +70,7 @@ def export_artifact(art_dir: str | Path, out_dir: str | Path, to: str = "compres
     out = Path(out_dir)
     _check_out(out, [src.root, model], force)
     result = ExportResult(out, warnings=warnings)
-    _run(src, model, config, out, result)
+    _run(src, model, config, out, result, force)
     return result
 
 
@@ -98,13 +98,20 @@ def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
             if not force:
                 raise OutputError(f"{out}: output directory is not empty (use --force to "
                                   "replace an earlier export)")
-            try:
-                qc = json.loads((out / hf_folder.CONFIG).read_text()).get("quantization_config")
-            except (OSError, ValueError, AttributeError):
-                qc = None
-            if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+            if _ct_folder_problem(out) is not None:
                 raise OutputError(f"{out}: not a compressed-tensors model folder; --force "
                                   "replaces only those")
+
+
+def _ct_folder_problem(out: Path) -> str | None:
+    """Why ``out`` is not a compressed-tensors folder that --force may replace."""
+    try:
+        qc = json.loads((out / hf_folder.CONFIG).read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        qc = None
+    if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
+        return "not a compressed-tensors model folder"
+    return None
 
 
 def _prefix(src: Source, config: dict) -> str | None:
@@ -115,9 +122,10 @@ def _prefix(src: Source, config: dict) -> str | None:
     return None
 
 
-def _run(src: Source, model: Path, config: dict, out: Path, result: ExportResult) -> None:
+def _run(src: Source, model: Path, config: dict, out: Path, result: ExportResult,
+         force: bool = False) -> None:
     m = src.manifest
-    stage = _Staging(out)
+    stage = _Staging(out, replace=force, check=_ct_folder_problem)
     sink = SINKS["compressed-tensors"](stage.tmp)
     assert isinstance(sink, CompressedTensorsSink)
     sink.prefix = _prefix(src, config)

@@ -211,11 +211,12 @@ def dequantize_ct(folder: str | Path, out: str | Path, dtype: str = "original",
     except BaseException:
         ct.close()
         raise
-    return _dequantize_run(ct, out, dtype)
+    return _dequantize_run(ct, out, dtype, force and ct.index_path is None)
 
 
-def _dequantize_run(ct: CTFolder, out: Path, dtype: str) -> Iterator[str]:
-    stage = _Staging(out)
+def _dequantize_run(ct: CTFolder, out: Path, dtype: str,
+                    replace: bool = False) -> Iterator[str]:
+    stage = _Staging(out, replace=replace)
     try:
         weight_map: dict[str, str] = {}
         for shard in ct.shards:

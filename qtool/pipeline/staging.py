@@ -10,6 +10,7 @@ import shutil
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from qtool.formats._common import CheckpointError
@@ -99,10 +100,14 @@ class _Staging:
     file beside the target serialises qtool runs instead.
     """
 
-    def __init__(self, target: Path, replace: bool = False) -> None:
+    def __init__(self, target: Path, replace: bool = False,
+                 check: Callable[[Path], str | None] | None = None) -> None:
         """``replace``: what stands at the target now may be replaced (``--force``, after
-        the caller checked it); otherwise only an empty directory may be."""
+        the caller checked it); otherwise only an empty directory may be. ``check`` says
+        why a directory may not be replaced (None when it may); by default
+        :func:`artifact_problem`."""
         self.target, self.replace = target, replace
+        self.check = check or artifact_problem
         parent = target.parent
         # The directories this run creates, innermost first, so a failure removes them again.
         self.created: list[Path] = []
@@ -177,14 +182,14 @@ class _Staging:
         if done is None:
             with _Lock(self.target):
                 if _identity(self.target) != self.before or (
-                        is_dir and artifact_problem(self.target) is not None):
+                        is_dir and self.check(self.target) is not None):
                     raise self._changed()
                 self._replace_by_two_renames(src)
             return
         # What came back (now at src) must be what was checked before the run; otherwise the
         # exchange is undone and the run fails.
         if _identity(src) != self.before or src.is_dir() != is_dir or (
-                is_dir and artifact_problem(src) is not None):
+                is_dir and self.check(src) is not None):
             _renameat2(src, self.target, RENAME_EXCHANGE)
             raise self._changed()
         if not is_dir:
