@@ -46,14 +46,28 @@ def describe(root: Path) -> dict[str, Any]:
     for p in other_files(root):
         # Streamed, and through a non-blocking open of a regular file (a FIFO, or a symlink
         # to a device, must not hang or fill memory).
-        hasher = _digest.new(_digest.DEFAULT)
-        with os.fdopen(open_regular(p), "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                hasher.update(chunk)
-        h = hasher.hexdigest()
+        h = file_digest(p, _digest.DEFAULT)
         files.append({"name": p.relative_to(root).as_posix(), "size": p.stat().st_size,
                       _digest.DEFAULT: h})
     return {"path": str(root.resolve()), "files": files}
+
+
+def file_digest(p: Path, algorithm: str) -> str:
+    """Digest of a model folder's file, streamed through a non-blocking open of a regular
+    file (a FIFO, or a symlink to a device, must not hang or fill memory)."""
+    hasher = _digest.new(algorithm)
+    with os.fdopen(open_regular(p), "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def config_text(path: Path) -> str:
+    """A config.json's text, capped and without blocking (CheckpointError otherwise)."""
+    try:
+        return read_capped(path, CONFIG_SIZE_LIMIT, CONFIG).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 ({e.reason})") from None
 
 
 def read_config(root: Path) -> dict[str, Any]:
@@ -62,10 +76,10 @@ def read_config(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{root}: no {CONFIG}; a Hugging Face model folder's {CONFIG} is "
                               "needed (pass --model-dir DIR)")
-    raw = read_capped(path, CONFIG_SIZE_LIMIT, CONFIG)
+    text = config_text(path)
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
+        doc = json.loads(text, parse_constant=reject_constant)
+    except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: not a JSON object")

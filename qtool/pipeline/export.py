@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.core.shapes import rows_cols
-from qtool.formats import digest as _digest
 from qtool.formats import hf_folder
 from qtool.formats._common import DTYPES, CheckpointError, TensorInfo
 from qtool.formats.compressed_tensors_sink import CompressedTensorsSink
@@ -77,10 +76,13 @@ def export_artifact(art_dir: str | Path, out_dir: str | Path, to: str = "compres
 def _changed_files(model: Path, recorded: dict, alg: str) -> list[str]:
     out = []
     for f in recorded.get("files") or []:
-        p = model / str(f.get("name"))
-        if not p.is_file():
+        name = str(f.get("name"))
+        p = model / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            out.append(f"{p}: recorded name is outside the model folder; not checked")
+        elif not p.is_file():
             out.append(f"{p}: recorded at quantize time, now missing")
-        elif _digest.of_bytes(p.read_bytes(), alg) != f.get(alg):
+        elif hf_folder.file_digest(p, alg) != f.get(alg):
             out.append(f"{p}: changed since quantize time")
     return out
 
@@ -106,8 +108,8 @@ def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
 def _ct_folder_problem(out: Path) -> str | None:
     """Why ``out`` is not a compressed-tensors folder that --force may replace."""
     try:
-        qc = json.loads((out / hf_folder.CONFIG).read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
+        qc = json.loads(hf_folder.config_text(out / hf_folder.CONFIG)).get("quantization_config")
+    except (CheckpointError, ValueError, AttributeError):
         qc = None
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         return "not a compressed-tensors model folder"

@@ -35,8 +35,8 @@ def is_ct_folder(path: Path) -> bool:
     if not path.is_dir() or not cfg.is_file():
         return False
     try:
-        qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
+        qc = json.loads(hf_folder.config_text(cfg)).get("quantization_config")
+    except (CheckpointError, ValueError, AttributeError):
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
