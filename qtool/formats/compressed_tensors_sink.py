@@ -49,6 +49,23 @@ def expressible(name: str, shape: tuple[int, ...], spec: QuantSpec) -> str | Non
     return None
 
 
+def looks_like_embedding(module: str) -> bool:
+    """An embedding module by its name (the checkpoint does not say which class a module is):
+    ``embed_tokens``, ``word_embeddings``, GPT-2's ``wte``/``wpe``, T5's ``shared``."""
+    last = module.rpartition(".")[2]
+    return "embed" in last or last in ("wte", "wpe", "shared")
+
+
+def ct_format(name: str, spec: QuantSpec) -> str:
+    """int-quantized (int8 ``weight``) at 8 bits, and for embeddings at any width; packed
+    int32 below 8 bits otherwise. transformers 5.24 cannot load a pack-quantized Embedding
+    (its weight init reads ``module.weight``, which the packed module no longer has), and
+    int8 holds every narrower value exactly."""
+    if spec.bits == 8 or looks_like_embedding(name.removesuffix(".weight")):
+        return L.INT_QUANTIZED
+    return L.PACK_QUANTIZED
+
+
 def ct_entries(name: str, shape: tuple[int, ...], spec: QuantSpec
                ) -> list[tuple[str, str, tuple[int, ...]]]:
     """The compressed-tensors tensors (full names, codes, shapes) of one module weight."""
@@ -56,14 +73,14 @@ def ct_entries(name: str, shape: tuple[int, ...], spec: QuantSpec
     rows, cols = shape
     p = (1,) if spec.granularity == "tensor" else param_shape(shape, spec)
     out: list[tuple[str, str, tuple[int, ...]]] = []
-    if spec.bits == 8:
+    if ct_format(name, spec) == L.INT_QUANTIZED:
         out.append((f"{module}.weight", "I8", (rows, cols)))
     else:
         out.append((f"{module}.weight_packed", "I32", (rows, -(-cols * spec.bits // 32))))
         out.append((f"{module}.weight_shape", "I64", (2,)))
     out.append((f"{module}.weight_scale", SCALE_CODES[spec.scale_dtype], p))
     if spec.scheme in ("asymmetric", "symmetric-unsigned"):
-        if spec.bits == 8 or spec.granularity == "tensor":
+        if ct_format(name, spec) == L.INT_QUANTIZED or spec.granularity == "tensor":
             out.append((f"{module}.weight_zero_point", "I8", p))
         else:  # int32 words along the rows, as the library packs zero points
             out.append((f"{module}.weight_zero_point", "I32", (-(-rows * spec.bits // 32), p[1])))
@@ -113,7 +130,7 @@ class CompressedTensorsSink:
         self.root = root
         self.prefix = optional_prefix
         self.warnings: list[str] = []
-        self.groups: dict[L.WeightArgs, list[str]] = {}
+        self.groups: dict[tuple[L.WeightArgs, str], list[str]] = {}
         self.weight_map: dict[str, str] = {}
         self.files: dict[str, int] = {}
         self._writer: SafetensorsWriter | None = None
@@ -166,13 +183,16 @@ class CompressedTensorsSink:
         except ValueError as e:
             raise CheckpointError(f"{where}: {e}") from None
         module = info.name.removesuffix(".weight")
+        fmt = ct_format(info.name, spec)
+        if fmt == L.INT_QUANTIZED and "weight_packed" in ct:  # an embedding below 8 bits
+            ct = _unpacked(ct, spec.bits, rows, cols)
         nbytes = 0
         for local, arr in ct.items():
             # bfloat16 scales travel as uint16 bit patterns: written as raw bytes.
             raw = arr.view(np.uint8) if arr.dtype == np.uint16 else arr
             self._writer.write(f"{module}.{local}", raw)
             nbytes += arr.nbytes
-        self.groups.setdefault(args, []).append(L.exact_target(module, self.prefix))
+        self.groups.setdefault((args, fmt), []).append(L.exact_target(module, self.prefix))
         return nbytes
 
     def _close_shard(self) -> None:
@@ -209,5 +229,19 @@ class CompressedTensorsSink:
         if not self.groups:
             raise CheckpointError("no tensor can be exported as a compressed-tensors module "
                                   "(no quantized 2-D .weight)")
-        return L.build_quantization_config([(t, a) for a, t in self.groups.items()])
+        return L.build_quantization_config([(t, a) for (a, _), t in self.groups.items()],
+                                           formats=[f for _, f in self.groups])
+
+
+def _unpacked(ct: dict[str, np.ndarray], bits: int, rows: int, cols: int
+              ) -> dict[str, np.ndarray]:
+    """pack-quantized tensors of one module as int-quantized ones (int8, same values)."""
+    out = {"weight": L.unpack_from_int32(ct["weight_packed"], bits, (rows, cols)),
+           "weight_scale": ct["weight_scale"]}
+    zp = ct.get("weight_zero_point")
+    if zp is not None:
+        scale = ct["weight_scale"]
+        out["weight_zero_point"] = zp if zp.dtype == np.int8 else \
+            L.unpack_from_int32(zp, bits, (rows, scale.shape[1]), packed_dim=0)
+    return out
 

@@ -110,8 +110,12 @@ def test_export_layout_and_values(tmp_path, args, fmt, symmetric):
     qc = cfg["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors"
     assert qc["quantization_status"] == "compressed"
-    (group,) = qc["config_groups"].values()
+    groups = list(qc["config_groups"].values())
+    (group,) = [g for g in groups if any("q_proj" in t for t in g["targets"])]
     assert group["format"] == fmt and group["weights"]["symmetric"] is symmetric
+    # an embedding is int-quantized at any width (transformers cannot load a packed one)
+    (emb,) = [g for g in groups if any("embed_tokens" in t for t in g["targets"])]
+    assert emb["format"] == "int-quantized" and len(groups) == (2 if fmt != emb["format"] else 1)
     got = weights_of(out)
     restored = tmp_path / "restored.safetensors"
     run("dequantize", art, restored, "-q")
@@ -134,6 +138,9 @@ def test_export_layout_and_values(tmp_path, args, fmt, symmetric):
     np.testing.assert_array_equal(got[f"{module}.weight_scale"].reshape(-1),
                                   scale[f"{module}.weight"].reshape(-1))
     assert (f"{module}.weight_zero_point" in got) is not symmetric
+    emb_q = got["model.embed_tokens.weight"]
+    assert emb_q.dtype == np.int8 and emb_q.shape == (32, 64)
+    assert int(emb_q.min()) >= -(1 << (bits - 1)) and int(emb_q.max()) < 1 << (bits - 1)
     # The library's formula (q - zp) * s on the exported tensors gives qtool dequantize's
     # values bit for bit, for every quantized module.
     for name in want:
@@ -148,7 +155,7 @@ def test_export_layout_and_values(tmp_path, args, fmt, symmetric):
             qq = got[f"{mod}.weight"]
             rows, cols = qq.shape
         z = got.get(f"{mod}.weight_zero_point")
-        if z is not None and bits < 8 and z.shape != (1,):
+        if z is not None and z.dtype == np.int32:  # packed along the rows
             z = L.unpack_from_int32(z, bits, (rows, s.shape[1]), packed_dim=0)
         x = qq.astype(np.float32)
         g = cols // s.shape[1] if s.ndim == 2 else cols
