@@ -227,6 +227,9 @@ def to_html(report: Report, hists: list[Histogram], hist_note: str | None = None
             parts.append(f"<p>worst tensor{escape(suffix)}: <b>{escape(t.worst.name)}</b>, "
                          f"SQNR {_fmt_sqnr(t.worst.sqnr_db)} dB</p>")
     parts.append("<h2>Worst tensors: weights and the quantization grid</h2>")
+    if len(report.labels) > 1:
+        parts.append(f'<p class="note">the three lowest SQNRs under '
+                     f'{escape(report.labels[0])}, with its grid</p>')
     if hists:
         parts += [_hist_block(h) for h in hists]
     else:

@@ -10,6 +10,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import run, write_checkpoint
 
@@ -240,3 +242,21 @@ def test_readme_chart_is_what_the_command_prints(tmp_path, monkeypatch):
             break
         shown.append(ln[4:].rstrip())
     assert shown == got
+
+
+@given(st.lists(st.text(st.characters(codec="ascii", exclude_characters="."), min_size=1,
+                        max_size=12), min_size=1, max_size=8),
+       st.integers(8, 60))
+def test_fit_name_never_cuts_a_part_when_first_and_last_fit(parts, width):
+    from qtool.report.fmt import ELLIPSIS, fit_name
+
+    name = ".".join(parts)
+    got = fit_name(name, width)
+    assert len(got) <= max(width, 3)
+    if len(name) <= width:
+        assert got == name
+    elif len(parts) > 2 and len(parts[0]) + len(parts[-1]) + 4 <= width:
+        shown = got.split(".")
+        assert ELLIPSIS in shown and shown[0] == parts[0] and shown[-1] == parts[-1]
+        k = shown.index(ELLIPSIS)
+        assert shown[:k] == parts[:k] and shown[k + 1:] == parts[len(parts) - len(shown) + k + 1:]
