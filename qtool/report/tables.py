@@ -60,9 +60,10 @@ def _kept_everywhere(r: Row) -> bool:
 
 
 def _constant_settings(report: Report, rows: list[Row]) -> dict[str, str]:
-    """An artifact's scheme, bits and granularity when every quantized tensor shares them:
-    they go into the subtitle instead of repeating on every row."""
-    if report.kind != "artifact":
+    """The scheme, bits and granularity when every quantized tensor shares them (an
+    artifact's, or a dry run of one spec): said once under the title instead of on every
+    row or in every column header."""
+    if report.kind != "artifact" and len(report.labels) > 1:
         return {}
     specs = [r.results[0].spec for r in report.rows if r.results[0].spec is not None]
     out = {}
@@ -228,6 +229,12 @@ def _dry_run_cols(report: Report, rows: list[Row]) -> list[_Col]:
         # "symmetric-unsigned 4b channel" over three short lines: a narrow column, so that
         # four schemes' SQNR columns fit beside the names at 80 columns.
         label = _header_label(full_label)
+        if len(report.labels) == 1:  # the one spec is said under the title
+            label = ""
+
+        def head(what: str, label: str = label) -> str:
+            return f"{label}\n{what}" if label else what
+
         recs = [r.results[g] for r in rows]
         sqnr = []
         for r, rec in zip(rows, recs, strict=True):
@@ -240,16 +247,16 @@ def _dry_run_cols(report: Report, rows: list[Row]) -> list[_Col]:
             t.append(f" {BEST}" if r.best == g else "  ", style="bold green")
             sqnr.append(t)
         cols += [
-            _Col(f"{label}\nstored", [Text(human_bytes(rec.stored_bytes)) for rec in recs],
+            _Col(head("stored"), [Text(human_bytes(rec.stored_bytes)) for rec in recs],
                  2),
-            _Col(f"{label}\nSQNR dB", sqnr, 1),
-            _Col(f"{label}\nmax err", _metric_cells(
+            _Col(head("SQNR dB"), sqnr, 1),
+            _Col(head("max err"), _metric_cells(
                 report, recs, lambda s: _fmt_err(s.max_abs_error),
                 lambda s: _err_style(report, s.max_abs_error)), 3),
-            _Col(f"{label}\nratio", [Text(_fmt_ratio(_ratio(rec))) for rec in recs], 5),
-            _Col(f"{label}\ncosine", _metric_cells(report, recs, lambda s: _fmt_cos(s.cosine)),
+            _Col(head("ratio"), [Text(_fmt_ratio(_ratio(rec))) for rec in recs], 5),
+            _Col(head("cosine"), _metric_cells(report, recs, lambda s: _fmt_cos(s.cosine)),
                  8),
-            _Col(f"{label}\nMSE", _metric_cells(report, recs, lambda s: f"{s.mse:.3g}"), 9),
+            _Col(head("MSE"), _metric_cells(report, recs, lambda s: f"{s.mse:.3g}"), 9),
         ]
     return cols
 

@@ -123,6 +123,15 @@ def test_dry_run_of_four_schemes_keeps_sqnr_at_80_columns(tmp_path, monkeypatch)
     assert len(re.findall(r"\d+\.\d\d|n/a", row)) == 4
 
 
+def test_one_spec_dry_run_says_it_once(tmp_path, monkeypatch):
+    src, _ = _layered(tmp_path, 2)
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = run("report", src, "-b", "6").stdout.splitlines()
+    assert "every quantized tensor: symmetric, 6 bits, channel" in lines
+    i = next(i for i, ln in enumerate(lines) if ln.split()[:1] == ["tensor"])
+    assert "SQNR dB" in lines[i] and "symmetric" not in lines[i - 1] + lines[i]
+
+
 def test_bits_repeated_compares_widths(tmp_path):
     src, t = _layered(tmp_path, 2)
     doc = json.loads(run("report", src, "-b", "4", "-b", "8", "-g", "tensor",
