@@ -73,6 +73,12 @@ class QtoolGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
+def _note(quiet: bool, line: str) -> None:
+    """One plain line on stderr (unless --quiet): no Rich for a line that needs no drawing."""
+    if not quiet:
+        click.echo(line, err=True)
+
+
 def _is_input_error(e: BaseException) -> bool:
     # Imported lazily: the error classes live below numpy-importing modules.
     from qtool.core.schemes import SpecError
@@ -179,18 +185,14 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, f
             raise click.UsageError("--verify applies to a qtool artifact; "
                                    f"{art_dir} is a compressed-tensors folder")
         n = sum(1 for _ in dequantize_ct(art_dir, out, dtype, force))
-        _err_console(quiet).print(f"restored {n} tensors into {out} in "
-                                  f"{time.perf_counter() - t0:.2f} s", markup=False,
-                                  soft_wrap=True)
+        _note(quiet, f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s")
         return EXIT_OK
     results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
     m = Artifact.open(art_dir).manifest
     total = sum(t.original_bytes for t in m.tensors)
     n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
                                  _show_progress(quiet)))
-    _err_console(quiet).print(
-        f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s"
-    )
+    _note(quiet, f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s")
     return EXIT_OK
 
 
@@ -215,10 +217,9 @@ def verify(art_dir: Path, quiet: bool) -> int:
         return EXIT_BAD_INPUT
     m = art.manifest
     n_q = sum(1 for t in m.tensors if t.quantized)
-    _err_console(quiet).print(
-        f"{art_dir}: ok: {len(m.files)} files match their size and {m.digest}; {len(m.tensors)} "
-        f"tensors ({n_q} quantized) have the recorded dtypes, shapes and ranges",
-        markup=False, soft_wrap=True)
+    _note(quiet, f"{art_dir}: ok: {len(m.files)} files match their size and {m.digest}; "
+          f"{len(m.tensors)} tensors ({n_q} quantized) have the recorded dtypes, shapes and "
+          "ranges")
     return EXIT_OK
 
 

@@ -306,14 +306,14 @@ HOT static void quantize(const void *x, int src, Py_ssize_t rows, Py_ssize_t col
 
 /* -------------------------------------------------------------------------- dequantize */
 
-/* Round to nearest even, as ml_dtypes' cast does; NaN stays a quiet NaN. Branch-free, so
- * that the loop vectorises. */
+/* Round to nearest even, as ml_dtypes' cast does; NaN becomes the quiet NaN 0x7fc0 with its
+ * sign (as in qtool/core/bf16.py). Branch-free, so that the loop vectorises. */
 INLINE uint16_t to_bf16(float f)
 {
     uint32_t bits;
     memcpy(&bits, &f, sizeof bits);
     uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    uint32_t quiet = (bits >> 16) | 0x40u;
+    uint32_t quiet = ((bits >> 16) & 0x8000u) | 0x7fc0u;
     return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
 }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qtool.core import packing
+from qtool.core import bf16, packing
 from qtool.core.metrics import ErrorStats
 from qtool.core.ranges import find_range, minmax_ranges
 from qtool.core.schemes import QParams, QuantSpec, qparams
@@ -199,6 +199,11 @@ def _as_compute(xs: np.ndarray, cdt: np.dtype) -> np.ndarray:
     if xs.dtype == cdt and xs.flags.c_contiguous:
         return xs
     x = _scratch("x", xs.size, cdt).reshape(xs.shape)
+    if bf16.is_bf16(xs):  # bit patterns (docs: core/bf16.py)
+        if cdt == np.float32:
+            return bf16.to_float32(xs, out=x)
+        np.copyto(x, bf16.to_float32(xs))
+        return x
     np.copyto(x, xs, casting="unsafe")  # exact: every float dtype widens to the compute dtype
     return x
 
@@ -307,7 +312,7 @@ def _kernel_source(xs: np.ndarray, cdt: np.dtype) -> int | None:
         return None
     if xs.dtype == np.float32:
         return 0
-    return 1 if xs.dtype.name == "bfloat16" else None
+    return 1 if bf16.is_bf16(xs) else None
 
 
 def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: QuantSpec,

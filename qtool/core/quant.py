@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qtool.core import packing
+from qtool.core import bf16, packing
 from qtool.core.blocks import (
     Mapper,
     NegativeValuesError,
@@ -134,14 +134,15 @@ class TensorQuantizer:
             if finite and spec.scheme == "symmetric-unsigned" and lo_v < 0:
                 raise NegativeValuesError(lo_v)
         else:
-            lo, hi = _ranges_or_nonfinite(rows_of(0, self.rows).astype(self.cdt), spec)
+            lo, hi = _ranges_or_nonfinite(bf16.as_float(rows_of(0, self.rows), self.cdt), spec)
             if spec.scheme == "symmetric-unsigned":
-                minimum = min((float(rows_of(a, b).min()) for a, b in self.chunks(max_elements)
+                minimum = min((float(bf16.as_float(rows_of(a, b), self.cdt).min())
+                               for a, b in self.chunks(max_elements)
                                if b > a and self.cols), default=0.0)
                 if minimum < 0:
                     raise NegativeValuesError(minimum)
         if not finite:
-            bad = sum(int(np.count_nonzero(~np.isfinite(rows_of(a, b).astype(self.cdt))))
+            bad = sum(int(np.count_nonzero(~np.isfinite(bf16.as_float(rows_of(a, b), self.cdt))))
                       for a, b in self.chunks(max_elements))
             raise NonFiniteError(bad)
         self._tensor_p = qparams(lo, hi, spec)
@@ -196,7 +197,8 @@ def quantize(
         tq.run(w2d, 0, data.reshape(tq.rows, tq.out_row_items), mapper)
     except NonFiniteError:
         # A block counts only its own values; the message must give the whole tensor's count.
-        raise NonFiniteError(int(np.count_nonzero(~np.isfinite(w2d.astype(tq.cdt))))) from None
+        raise NonFiniteError(int(np.count_nonzero(~np.isfinite(bf16.as_float(w2d, tq.cdt))))) \
+            from None
     return QTensor(data, tq.scale, tq.zero_point, tq.shape, spec, tq.stats)
 
 
@@ -210,7 +212,7 @@ def quantize_fixed(
     spec = spec or QuantSpec("symmetric", granularity="tensor")
     cdt = compute_dtype(w.dtype)
     p = QParams(np.asarray(scale, np.float64), np.asarray(zero_point, np.int32))
-    x = np.asarray(w, dtype=cdt).copy()
+    x = bf16.as_float(w, cdt).copy()
     if spec.scheme != "asymmetric" and zero_point:
         raise ValueError("a non-zero zero point needs the asymmetric scheme")
     return quantize_values(x, p, spec, out=x).astype(spec.storage_dtype)
@@ -280,7 +282,7 @@ def _kernel_output(out: np.ndarray, compute: np.dtype) -> int | None:
         return None
     if out.dtype == np.float32:
         return 0
-    return 1 if out.dtype.name == "bfloat16" else None
+    return 1 if bf16.is_bf16(out) else None
 
 
 def _dequantize_block(
@@ -315,4 +317,8 @@ def _dequantize_block(
             np.subtract(dv, zv, out=dv, dtype=compute)
         np.multiply(dv, sv, out=dv, dtype=compute)
     if dest is not out:
-        np.copyto(out, dest, casting="unsafe")
+        if bf16.is_bf16(out):  # bit patterns, rounded to nearest even as a cast would
+            bits = bf16.from_float32(dest) if compute == np.float32 else bf16.from_float64(dest)
+            np.copyto(bf16.bits(out), bits)
+        else:
+            np.copyto(out, dest, casting="unsafe")

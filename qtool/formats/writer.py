@@ -25,6 +25,9 @@ from qtool.formats._common import DTYPES
 # --------------------------------------------------------------------------------------------
 # writer
 
+# ml_dtypes' types a caller may still pass (qtool itself holds these as bit patterns)
+_BIT_TYPES = {"bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
 
 class SafetensorsWriter:
     """Streaming safetensors writer.
@@ -219,6 +222,8 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: tensor {name!r} is being written in chunks")
         if isinstance(data, np.ndarray | np.generic):
             arr = np.asarray(data)
+            if arr.dtype.name in _BIT_TYPES and _BIT_TYPES[arr.dtype.name] == code:
+                arr = arr.view(DTYPES[code])  # ml_dtypes' type: its bit patterns
             if arr.dtype != np.uint8 and arr.dtype != DTYPES[code]:
                 swapped = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else None
                 if swapped is not None and swapped == DTYPES[code]:

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from qtool.core import bf16
 from qtool.core.blocks import Mapper
 from qtool.core.quant import dequantize_rows
 from qtool.core.schemes import SpecError
@@ -27,6 +27,9 @@ from qtool.pipeline.streams import _Buffers, _check_cast, _copy_tensor, _jobs
 # --------------------------------------------------------------------------- dequantize
 
 OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+# The largest finite value of each float code (numpy's finfo has no bfloat16).
+FLOAT_MAX = {"F64": float(np.finfo(np.float64).max), "F32": float(np.finfo(np.float32).max),
+             "F16": float(np.finfo(np.float16).max), "BF16": bf16.MAX}
 
 
 def dequantize_artifact(
@@ -109,19 +112,21 @@ def _dequantize_shard(
                 code = out_code(rec)
                 t = reader.read(rec)
                 if rec.spec is None:
-                    _copy_tensor(t.file, t.info, w, None if code == rec.dtype else DTYPES[code])
+                    _copy_tensor(t.file, t.info, w, None if code == rec.dtype else code)
                 else:
-                    _dequantize_streamed(t, DTYPES[code], w, buffers, pool.map)
+                    _dequantize_streamed(t, code, w, buffers, pool.map)
                 # Progress counts the restored tensor's original bytes, like its total.
                 yield TensorResult(rec, rec.original_bytes)
     finally:
         reader.close()
 
 
-def _dequantize_streamed(t: InTensor, out_dtype: np.dtype, w: SafetensorsWriter,
+def _dequantize_streamed(t: InTensor, out_code: str, w: SafetensorsWriter,
                          buffers: _Buffers, mapper: Mapper) -> None:
-    """Dequantize one tensor run by run from its source into ``w``."""
+    """Dequantize one tensor run by run from its source into ``w`` (float code ``out_code``;
+    bfloat16 as bit patterns)."""
     rec = t.record
+    out_dtype = DTYPES[out_code]
     assert rec.spec is not None and t.scale is not None and t.zero_point is not None
     rows, cols = rows_cols(rec.shape)
     scale, zero = t.scale, t.zero_point
@@ -140,7 +145,7 @@ def _dequantize_streamed(t: InTensor, out_dtype: np.dtype, w: SafetensorsWriter,
     reach = float(np.max(scale.astype(np.float64) * np.maximum(
         np.abs(rec.spec.qmin - zero.astype(np.float64)),
         np.abs(rec.spec.qmax - zero.astype(np.float64)))))
-    check = reach >= float(ml_dtypes.finfo(out_dtype).max)  # numpy's finfo lacks bfloat16
+    check = reach >= FLOAT_MAX[out_code]
     for a in range(0, rows, step):
         b = min(a + step, rows)
         q = t.rows(a, b)
@@ -149,7 +154,7 @@ def _dequantize_streamed(t: InTensor, out_dtype: np.dtype, w: SafetensorsWriter,
         out = buf[:nbytes].view(out_dtype).reshape(b - a, cols)
         dequantize_rows(q, scale, zero, a, rec.shape, rec.spec, out, compute, mapper)
         if check:
-            _check_cast(out, t.file.path, rec.name, out_dtype)
+            _check_cast(out, t.file.path, rec.name, out_code)
         w.write_chunk(rec.name, out, release=functools.partial(buffers.put, buf))
 
 

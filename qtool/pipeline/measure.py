@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qtool.core import bf16
 from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.metrics import ErrorStats
 from qtool.core.quant import dequantize, quantize
@@ -218,6 +219,8 @@ class MeasureRun:
                                 "the manifest's dtype and shape"
                             )
                         w = orig.read(rec.name)
+                        if rec.dtype == "BF16":  # bit patterns; float32 holds them exactly
+                            w = bf16.to_float32(w)
                         cdt = compute_dtype(w.dtype)
                         w_hat = dequantize(main.read(rec.name), sc.read(rec.name),
                                            zp.read(rec.name), rec.shape, rec.spec, cdt, cdt,

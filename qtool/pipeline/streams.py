@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qtool.core import bf16
 from qtool.core.blocks import Mapper
 from qtool.core.quant import TensorQuantizer
 from qtool.core.schemes import QuantSpec
-from qtool.formats._common import CheckpointError, TensorInfo
+from qtool.formats._common import DTYPES, CheckpointError, TensorInfo
 from qtool.formats.manifest import MANIFEST, sidecar_names
 from qtool.formats.registry import Chunk, OutTensor
 from qtool.formats.safetensors import SafetensorsFile
@@ -68,29 +69,43 @@ def _runs(count: int, itemsize: int) -> Iterator[tuple[int, int]]:
 
 
 def _copy_tensor(sf: SafetensorsFile, info: TensorInfo, w: SafetensorsWriter,
-                 out_dtype: np.dtype | None = None) -> None:
-    """Stream a tensor's bytes (or its values cast to ``out_dtype``) into ``w``: straight from
-    the memory map to the file, never the whole tensor in memory."""
+                 out_code: str | None = None) -> None:
+    """Stream a tensor's bytes (or its float values cast to the float code ``out_code``) into
+    ``w``: straight from the memory map to the file, never the whole tensor in memory."""
     if info.nbytes == 0:
         w.write(info.name, b"")
         return
     for a, b in _runs(info.numel, info.np_dtype.itemsize):
         run = sf.view(info, a, b)
-        if out_dtype is not None:
-            run = run.astype(out_dtype)
-            _check_cast(run, sf.path, info.name, out_dtype)
+        if out_code is not None:
+            run = cast_values(run, info.dtype, out_code)
+            _check_cast(run, sf.path, info.name, out_code)
         w.write_chunk(info.name, run)
 
 
-def _check_cast(out: np.ndarray, path: Path, name: str, out_dtype: np.dtype) -> None:
+def cast_values(values: np.ndarray, code: str, out_code: str) -> np.ndarray:
+    """Float values of safetensors code ``code`` as ``out_code``, with one rounding to nearest
+    even (bfloat16 as bit patterns, both ways)."""
+    if code == "BF16":
+        values = bf16.to_float32(values)  # exact
+    if out_code == "BF16":
+        return bf16.from_float64(values) if values.dtype == np.float64 else \
+            bf16.from_float32(values)
+    return values.astype(DTYPES[out_code])
+
+
+def _check_cast(out: np.ndarray, path: Path, name: str, out_code: str) -> None:
     # A narrower float (float16 tops out at 65504) turns large values into inf: refuse that
     # rather than write a checkpoint that silently holds inf.
-    if out.size and not np.isfinite(out).all():
+    finite = bf16.isfinite(out) if out_code == "BF16" else np.isfinite(out)
+    if out.size and not finite.all():
         # Advice only where it can help: float32 is the widest restored dtype there is.
-        hint = ("restore it with --dtype float32" if out_dtype.itemsize < 4
+        hint = ("restore it with --dtype float32" if DTYPES[out_code].itemsize < 4
                 else "no --dtype can hold them")
+        name_of = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
         raise CheckpointError(
-            f"{path}: tensor {name!r} has values beyond the range of {out_dtype.name}; {hint}"
+            f"{path}: tensor {name!r} has values beyond the range of "
+            f"{name_of.get(out_code, out_code)}; {hint}"
         )
 
 
@@ -98,15 +113,19 @@ def _count_nonfinite(sf: SafetensorsFile, info: TensorInfo) -> int:
     bad = 0
     for a, b in _runs(info.numel, info.np_dtype.itemsize):
         run = sf.view(info, a, b)
-        if run.dtype not in (np.float32, np.float64):
-            run = run.astype(np.float32)
-        bad += int(run.size - np.count_nonzero(np.isfinite(run)))
+        finite = bf16.isfinite(run) if info.dtype == "BF16" else np.isfinite(run)
+        bad += int(run.size - np.count_nonzero(finite))
     return bad
 
 
 def _absmax(sf: SafetensorsFile, info: TensorInfo) -> float:
-    return max((float(np.abs(sf.view(info, a, b).astype(np.float64)).max())
+    return max((float(np.abs(_values(sf.view(info, a, b), info.dtype)).max())
                 for a, b in _runs(info.numel, 8)), default=0.0)
+
+
+def _values(run: np.ndarray, code: str) -> np.ndarray:
+    """Float values as float64 (bfloat16 from its bits)."""
+    return bf16.to_float32(run).astype(np.float64) if code == "BF16" else run.astype(np.float64)
 
 
 def _find_nonfinite(ckpt_files: dict[Path, SafetensorsFile], plan: Plan) -> set[str]:

@@ -1,0 +1,18 @@
+"""The `qtool` command's entry point: `qtool --version` is answered before click, numpy or
+Rich is imported (python's own start-up is then most of its time); everything else goes to
+the Click group in cli.py."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    if sys.argv[1:] in (["--version"], ["-V"]):
+        from qtool import __version__
+
+        sys.stdout.write(f"qtool, version {__version__}\n")  # as click's version_option
+        return
+    from qtool.cli import main as cli_main
+
+    cli_main()
