@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qtool.core import bf16
 from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.schemes import QuantSpec
 from qtool.core.shapes import compute_dtype
@@ -186,8 +187,12 @@ def _check_restorable(path: Path, info: TensorInfo, spec: QuantSpec, t: OutTenso
     s = np.asarray(t.scale, np.float32).astype(compute)
     z = np.asarray(t.zero_point, np.int32).astype(compute)
     with np.errstate(over="ignore", invalid="ignore"):
-        ends = [((q - z) * s).astype(dtype) for q in (compute.type(lo), compute.type(spec.qmax))]
-    if all(np.isfinite(e).all() for e in ends):
+        ends = [(q - z) * s for q in (compute.type(lo), compute.type(spec.qmax))]
+        if info.dtype == "BF16":  # bit patterns: rounded as dequantize rounds them
+            finite = all(bf16.isfinite(bf16.from_float32(e)).all() for e in ends)
+        else:
+            finite = all(np.isfinite(e.astype(dtype)).all() for e in ends)
+    if finite:
         return
     hint = " or --scheme symmetric" if spec.scheme == "asymmetric" else ""
     raise CheckpointError(
