@@ -269,3 +269,17 @@ def test_fit_name_never_cuts_a_part_when_first_and_last_fit(parts, width):
         assert ELLIPSIS in shown and shown[0] == parts[0] and shown[-1] == parts[-1]
         k = shown.index(ELLIPSIS)
         assert shown[:k] == parts[:k] and shown[k + 1:] == parts[len(parts) - len(shown) + k + 1:]
+
+
+def test_chart_too_many_module_types_for_the_width_draws_bars(tmp_path, monkeypatch):
+    t = {f"layers.{i}.module_number_{m}.weight": RNG.normal(0, 1, (8, 8)).astype(np.float32)
+         for i in range(2) for m in range(12)}
+    src = write_checkpoint(tmp_path / "m.safetensors", t)
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = run("report", src, "--chart").stdout.splitlines()
+    assert all(len(ln) <= 80 for ln in lines)
+    assert not any(ln.split()[:1] == ["layer"] for ln in lines)  # no heatmap
+    assert sum("█" in ln for ln in lines) == 24  # one bar per tensor
+    monkeypatch.setenv("COLUMNS", "200")
+    wide = run("report", src, "--chart").stdout.splitlines()
+    assert any(ln.split()[:1] == ["layer"] for ln in wide) and all(len(ln) <= 200 for ln in wide)
