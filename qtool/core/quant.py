@@ -38,6 +38,7 @@ from qtool.core.blocks import (
     _tasks,
 )
 from qtool.core.metrics import ErrorStats
+from qtool.core.scales import scale_to_float32
 from qtool.core.schemes import QParams, QuantSpec, qparams, quantize_values
 from qtool.core.shapes import compute_dtype, param_shape, rows_cols, stored_shape
 
@@ -47,7 +48,7 @@ class QTensor:
     """A quantized tensor: stored integers (packed below 8 bits) plus its sidecars."""
 
     data: np.ndarray  # int8/uint8 in ``shape`` (8-bit) or uint8 (rows, packed bytes)
-    scale: np.ndarray  # float32, param_shape
+    scale: np.ndarray  # float32 values of spec.scale_dtype, param_shape
     zero_point: np.ndarray  # int32, param_shape
     shape: tuple[int, ...]
     spec: QuantSpec
@@ -256,9 +257,13 @@ def dequantize_rows(
     compute = np.dtype(compute or np.float32)
     rows, cols = rows_cols(shape)
     n = stored.shape[0]
-    scale = np.asarray(scale, np.float32)
+    # Scales may be stored as float16 or bfloat16 (uint16 bit patterns); zero points as one
+    # 0-d value (symmetric schemes) or uint8: all widen exactly.
+    scale = scale_to_float32(scale, spec.scale_dtype)
     zero_point = np.asarray(zero_point, np.int32)
     per_tensor = spec.granularity == "tensor"
+    if zero_point.ndim == 0 and not per_tensor:
+        zero_point = np.broadcast_to(zero_point, scale.shape)
     s2d = scale if per_tensor else scale.reshape(rows, -1)
     z2d = zero_point if per_tensor else zero_point.reshape(rows, -1)
 

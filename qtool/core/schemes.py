@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from qtool.core.scales import round_scale
+
 SCHEMES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
 GRANULARITIES = ("tensor", "channel", "group")
 RANGE_METHODS = ("minmax", "percentile", "mse")
@@ -127,8 +129,9 @@ def qparams(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> QParams:
 
     For the symmetric schemes pass lo = -absmax, hi = absmax (unsigned: lo = 0, hi = max).
     The arithmetic is float64 so that (hi - lo) cannot overflow; the scale is then rounded
-    to float32, and that rounded value is the one quantization uses, so that the stored
-    sidecar reproduces q exactly.
+    to ``spec.scale_dtype`` (kept as float32 values; see scales.round_scale), and that
+    rounded value is the one quantization uses, so that the stored sidecar reproduces q
+    exactly. A scale beyond the dtype's range comes back as inf (the caller reports it).
     """
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
@@ -139,8 +142,13 @@ def qparams(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> QParams:
         # A tiny absmax would make 127/absmax overflow to inf (and 0 * inf = NaN): clamp it
         # so that the scale is at least MIN_SCALE, like the other schemes.
         absmax = np.maximum(absmax, np.float32(127.0 * MIN_SCALE))
-        inv = (np.float32(127.0) / absmax).astype(np.float32)
         scale = (absmax / np.float32(127.0)).astype(np.float32)
+        if spec.scale_dtype != "float32":
+            # The stored scale is rounded (up) to a narrower dtype: q must come from that
+            # value, so divide by it like the other schemes (127/absmax no longer matches).
+            scale = round_scale(scale, spec.scale_dtype)
+            return QParams(scale, np.zeros(scale.shape, np.int32), None)
+        inv = (np.float32(127.0) / absmax).astype(np.float32)
         return QParams(scale, np.zeros(scale.shape, np.int32), inv)
     if spec.scheme == "symmetric":
         span = np.maximum(np.abs(lo), np.abs(hi)) / spec.qmax
@@ -156,7 +164,8 @@ def qparams(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> QParams:
     # All-zero or constant-zero ranges would give scale 0: use 1 (any value represents 0 exactly);
     # a tiny positive range is clamped so that the float32 scale never underflows to 0.
     scale64 = np.where(span == 0, 1.0, np.maximum(span, MIN_SCALE))
-    scale = scale64.astype(np.float32)
+    # Rounded to the stored dtype here, so that q is computed with the stored value.
+    scale = round_scale(scale64, spec.scale_dtype)
     if zero is None:
         zp = np.zeros(scale.shape, np.int32)
     else:

@@ -69,3 +69,31 @@ def bits_per_weight(shape: tuple[int, ...], spec: QuantSpec) -> float:
     """``8 * stored_bytes / weights``: what one weight costs on disk, sidecars included."""
     n = math.prod(shape)
     return 8.0 * stored_bytes(shape, spec) / n if n else 0.0
+
+
+def zero_point_to_stored(zero_point: np.ndarray, shape: tuple[int, ...],
+                         spec: QuantSpec) -> np.ndarray:
+    """int32 zero points (param_shape) in their stored form: one uint8 value (0-d) for the
+    symmetric schemes; uint8 per range unit for asymmetric, bit-packed along rows below 8
+    bits like q (see :func:`zero_point_shape`)."""
+    z = np.asarray(zero_point)
+    if spec.scheme != "asymmetric":
+        # Always 0 for these schemes (qparams sets it so); one value says so.
+        return np.zeros((), np.uint8)
+    u = z.astype(np.uint8)
+    if spec.packed and u.ndim == 2:
+        return packing.pack(u, spec.bits)
+    return u.reshape(zero_point_shape(shape, spec))
+
+
+def zero_point_from_stored(stored: np.ndarray, shape: tuple[int, ...],
+                           spec: QuantSpec) -> np.ndarray:
+    """The stored zero points back to one per range unit (param_shape), or the single 0-d
+    value of the symmetric schemes (which broadcasts)."""
+    z = np.asarray(stored)
+    if z.ndim == 0:
+        return z
+    p = param_shape(shape, spec)
+    if spec.packed and len(p) == 2 and spec.scheme == "asymmetric":
+        return packing.unpack(np.ascontiguousarray(z, np.uint8), spec.bits, p[1], False)
+    return z.reshape(p)

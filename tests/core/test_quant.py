@@ -129,6 +129,14 @@ tensors = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_si
                      elements=finite)
 SPECS = [QuantSpec(s, granularity=g) for s in ("symmetric", "symmetric-unsigned", "asymmetric")
          for g in ("tensor", "channel")] + [QuantSpec("gnmt")]
+F32_SPECS = list(SPECS)
+# Scales stored in a narrower dtype (format_version 2): q comes from the rounded scale, and the
+# bound error <= scale / 2 holds for the stored scale.
+SPECS += [QuantSpec(s, bits=b, granularity=g, scale_dtype=d)
+          for s, b, g in (("symmetric", 8, "channel"), ("asymmetric", 4, "channel"),
+                          ("asymmetric", 8, "tensor"), ("symmetric-unsigned", 3, "channel"),
+                          ("gnmt", 8, "channel"))
+          for d in ("float16", "bfloat16")]
 
 
 def _expand(qt):
@@ -165,7 +173,7 @@ def quantize_fixed_per_unit(w_hat, qt):
     rows = qt.shape[0]
     s, z = _expand(qt)
     x = w_hat.reshape(s.shape[0], -1).astype(np.float32)
-    if qt.spec.scheme == "gnmt":
+    if qt.spec.scheme == "gnmt" and qt.spec.scale_dtype == "float32":  # else it divides
         inv = (np.float32(127) / (s * np.float32(127))).astype(np.float32)
         q = np.rint(x * inv)
     else:
@@ -185,7 +193,9 @@ def test_asymmetric_zero_is_exact(w):
         assert w_hat[0, 0] == 0.0 and w_hat[-1, -1] == 0.0
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.scheme}-{s.granularity}")
+# A constant is exact with a float32 scale (value / qmax rounds back); a scale rounded up to
+# float16 or bfloat16 keeps only the error bound, checked by test_round_trip_properties.
+@pytest.mark.parametrize("spec", F32_SPECS, ids=lambda s: f"{s.scheme}-{s.granularity}")
 @pytest.mark.parametrize("value", [0.0, 0.5, 3e-30, 7.0])
 def test_all_zero_and_constant_tensors(spec, value, core):
     w = np.full((5, 7), value, np.float32)
@@ -310,10 +320,19 @@ KERNEL_SPECS = [
     QuantSpec("symmetric", bits=6, range="mse"),
     QuantSpec("gnmt"),
 ]
+# Narrower stored scales: the kernel gets the rounded scale from qparams like numpy does.
+LEAN_SPECS = [
+    QuantSpec("symmetric", bits=8, granularity="group", group_size=32, scale_dtype="float16"),
+    QuantSpec("asymmetric", bits=4, granularity="group", group_size=32, scale_dtype="bfloat16"),
+    QuantSpec("asymmetric", granularity="tensor", scale_dtype="float16"),
+    QuantSpec("gnmt", scale_dtype="float16"),
+    QuantSpec("symmetric-unsigned", granularity="channel", scale_dtype="bfloat16"),
+]
 
 
-@pytest.mark.parametrize("spec", KERNEL_SPECS,
-                         ids=lambda s: f"{s.scheme}-{s.bits}-{s.granularity}-{s.range}")
+@pytest.mark.parametrize("spec", KERNEL_SPECS + LEAN_SPECS,
+                         ids=lambda s: f"{s.scheme}-{s.bits}-{s.granularity}-{s.range}-"
+                                       f"{s.scale_dtype}")
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(5, 1), (7, 13), (9, 1030), (3, 2100), (40, 257)])
 def test_kernel_writes_the_bytes_numpy_writes(spec, dtype, shape, monkeypatch):
@@ -338,7 +357,7 @@ def test_kernel_writes_the_bytes_numpy_writes(spec, dtype, shape, monkeypatch):
 @settings(max_examples=60, deadline=None)
 @given(w=hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 40)),
                     elements=st.floats(-1e6, 1e6, width=32)),
-       spec=st.sampled_from(KERNEL_SPECS[:6] + KERNEL_SPECS[-1:]))
+       spec=st.sampled_from(KERNEL_SPECS[:6] + KERNEL_SPECS[-1:] + LEAN_SPECS))
 def test_kernel_matches_numpy_on_any_values(w, spec):
     import qtool.core.blocks as quant
 
