@@ -115,10 +115,10 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
 def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
-             group_size: int, range_: str, percentile: float, skip: tuple[str, ...],
-             only: tuple[str, ...], recipe: Path | None, allow_unused_rules: bool,
-             nan_policy: str, jobs: int, source_digest: bool, force: bool, as_json: bool,
-             quiet: bool) -> int:
+             group_size: int, range_: str, percentile: float, scale_dtype: str,
+             skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
+             allow_unused_rules: bool, nan_policy: str, jobs: int, source_digest: bool,
+             force: bool, as_json: bool, quiet: bool) -> int:
     """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
     holding either) into the artifact directory OUT_DIR."""
     from qtool.pipeline.plan import QuantizeOptions
@@ -131,7 +131,8 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
     opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=_load_rules(recipe),
                            allow_unused_rules=allow_unused_rules, jobs=jobs,
-                           source_digest=source_digest, nan_policy=nan_policy, force=force)
+                           source_digest=source_digest, nan_policy=nan_policy, force=force,
+                           scale_dtype=scale_dtype)
     t0 = time.perf_counter()
     results = quantize_checkpoint(src, out_dir, opts)
     plan = results.plan
@@ -228,7 +229,8 @@ REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
 # Options that only make sense for a dry run over a plain checkpoint.
 DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
                   "group_size": "--group-size", "range_": "--range",
-                  "percentile": "--percentile", "skip": "--skip", "only": "--only",
+                  "percentile": "--percentile", "scale_dtype": "--scale-dtype",
+                  "skip": "--skip", "only": "--only",
                   "recipe": "--recipe", "allow_unused_rules": "--allow-unused-rules",
                   "nan_policy": "--nan-policy"}
 
@@ -275,7 +277,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.pass_context
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
            bits: tuple[int, ...], group_size: int, range_: str, percentile: float,
-           skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
+           scale_dtype: str, skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
            allow_unused_rules: bool, nan_policy: str, original: Path | None,
            against: Path | None, fmt: str, chart: str | None, show_all: bool,
            sort: str | None, top: int | None, fail_under_sqnr: float | None,
@@ -357,7 +359,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             opts = QuantizeOptions(spec=specs[0], skip=skip, only=only,
                                    rules=_load_rules(recipe),
                                    allow_unused_rules=allow_unused_rules,
-                                   nan_policy=nan_policy, jobs=jobs)
+                                   nan_policy=nan_policy, jobs=jobs, scale_dtype=scale_dtype)
             drun = dry_run(path, specs, opts)
         except CheckpointError as e:
             if path.is_dir():  # most likely a mistyped artifact directory

@@ -42,6 +42,11 @@ def _spec_options(f: Any, multiple_bits: bool) -> Any:
         click.option("--percentile", type=float, default=99.99, show_default=True,
                      help="With --range percentile: clip at this percentile of |w| "
                           "(asymmetric: at the P and 100-P percentiles of w)."),
+        click.option("--scale-dtype", type=click.Choice(["auto", "float32", "float16",
+                                                         "bfloat16"]),
+                     default="auto", show_default=True,
+                     help="dtype the scales are stored in: auto is the tensor's own for "
+                          "F16/BF16, float32 for F32/F64. q is computed with the stored scale."),
     ]
     for o in reversed(opts):
         f = o(f)

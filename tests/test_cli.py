@@ -36,7 +36,9 @@ def test_quantize_dequantize_round_trip(tmp_path, scheme):
         "model.safetensors", "model.scale.safetensors", "model.zero_point.safetensors",
         "qtool.json"]
     q, meta = _load(out / "model.safetensors")
-    assert meta == {"format": "pt", "who": "test"}
+    # marked as qtool's, so that model loaders refuse it; the source's metadata kept as JSON
+    assert meta == {"format": "qtool",
+                    "qtool_source_metadata": '{"format": "pt", "who": "test"}'}
     assert tensor_order(out / "model.safetensors") == tensor_order(src)
     scales, _ = _load(out / "model.scale.safetensors")
     zps, _ = _load(out / "model.zero_point.safetensors")
@@ -47,11 +49,17 @@ def test_quantize_dequantize_round_trip(tmp_path, scheme):
     for name in quantized:
         assert q[name].dtype == (np.int8 if signed else np.uint8), name
         assert q[name].shape == tensors[name].shape
-        assert scales[name].dtype == np.float32
+        # --scale-dtype auto: the source's own float16/bfloat16, float32 for F32 and F64
+        want = {np.dtype(np.float16): np.float16, np.dtype(ml_dtypes.bfloat16):
+                ml_dtypes.bfloat16}.get(tensors[name].dtype, np.float32)
+        assert scales[name].dtype == want, name
         assert scales[name].shape == (tensors[name].shape[0], 1)
-        assert zps[name].dtype == np.int32 and zps[name].shape == scales[name].shape
+        # zero points in the narrowest type: U8 per row, or one 0-d value when always 0
+        assert zps[name].dtype == np.uint8
         if scheme != "asymmetric":
-            assert not zps[name].any()
+            assert zps[name].shape == () and zps[name] == 0
+        else:
+            assert zps[name].shape == scales[name].shape
     for name in set(tensors) - quantized:  # passthrough: bit for bit
         assert q[name].dtype == tensors[name].dtype
         assert q[name].tobytes() == tensors[name].tobytes()
@@ -64,7 +72,7 @@ def test_quantize_dequantize_round_trip(tmp_path, scheme):
     for name, w in tensors.items():
         assert back[name].dtype == w.dtype and back[name].shape == w.shape, name
         if name in quantized:
-            s = scales[name].astype(np.float64)
+            s = scales[name].astype(np.float32).astype(np.float64)
             err = np.abs(back[name].astype(np.float64) - w.astype(np.float64))
             # scale/2 from rounding, plus the rounding of the restored value to its dtype
             ulp = np.spacing(np.abs(w).astype(w.dtype)).astype(np.float64)

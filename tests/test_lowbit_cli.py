@@ -190,8 +190,8 @@ def test_packed_file_sizes_are_exact(tmp_path, bits):
             assert h[name]["dtype"] == "U8"  # asymmetric: U8 packed or not
             assert h[name]["shape"] == ([rows, -(-cols * bits // 8)] if bits < 8
                                        else list(w.shape))
-            # scale F32 + zero point I32, one each per row
-            assert m[name]["bytes"] == {"original": w.nbytes, "stored": expected + rows * 8}
+            # a float32 scale and a U8 zero point (its low `bits` bits, one byte) per row
+            assert m[name]["bytes"] == {"original": w.nbytes, "stored": expected + rows * 5}
         else:
             expected = w.nbytes
         assert nbytes == expected, name
@@ -210,8 +210,10 @@ def test_four_and_two_bit_sample_weights_are_really_smaller(tmp_path):
         m = manifest(out)
         q = [n for n, t in m.items() if "passthrough" not in t]
         sizes[bits] = sum(h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for n in q)
+        # symmetric per channel: a scale per row (float32, or 2 bytes for F16/BF16 tensors
+        # under --scale-dtype auto) and one 0-d zero point
         assert sum(m[n]["bytes"]["stored"] for n in q) == sizes[bits] + sum(
-            8 * m[n]["shape"][0] for n in q)
+            (2 if m[n]["dtype"] in ("F16", "BF16") else 4) * m[n]["shape"][0] + 1 for n in q)
     # Every quantized sample tensor has an even number of columns (and a multiple of 4).
     assert sizes[4] * 2 == sizes[8] and sizes[2] * 4 == sizes[8]
 

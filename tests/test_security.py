@@ -683,16 +683,20 @@ def _v_bad_scales(art: Path) -> list[str]:
 
 @_verify_case
 def _v_zero_point_out_of_range(art: Path) -> list[str]:
+    # Every U8 is a valid 8-bit asymmetric zero point (format_version 2); a symmetric scheme's
+    # single zero point must be 0. Same source and settings, symmetric.
+    run("quantize", art.parent / "model.safetensors", art, "--scheme", "symmetric",
+        "--granularity", "group", "--group-size", "16", "-q", "--force")
     p = art / "model.zero_point.safetensors"
 
     def poison(z: np.ndarray) -> np.ndarray:
-        z.reshape(-1)[:2] = [256, -1]
+        z[()] = 3
         return z
 
     _patch_tensor(p, "head.weight64", poison)
     _reseal(art, p.name)
-    return [f"{p}: tensor 'head.weight64': 2 of 16 zero points outside [0, 255] "
-            "(asymmetric, 8-bit)"]
+    return [f"{p}: tensor 'head.weight64': 1 of 1 zero points outside [0, 0] "
+            "(symmetric, 8-bit)"]
 
 
 @_verify_case
@@ -730,7 +734,8 @@ def test_verify_names_each_problem(art, case):
 
 
 def test_verify_reports_several_problems_at_once(art):
-    expected = _v_bad_scales(art) + _v_zero_point_out_of_range(art)
+    # (the zero-point case rewrites the artifact first, so it comes first)
+    expected = _v_zero_point_out_of_range(art) + _v_bad_scales(art)
     data = bytearray((art / "model.safetensors").read_bytes())
     data[-1] ^= 0x01
     (art / "model.safetensors").write_bytes(data)

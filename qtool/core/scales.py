@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qtool.core import bf16
+
 # The smallest normal value of each scale dtype: a smaller scale is raised to it, so that a
 # stored scale is never a subnormal (whose relative precision would break the error bound).
 SMALLEST_NORMAL = {
@@ -72,8 +74,6 @@ def scale_to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
     """A stored scale back to float32, exactly: float32 or float16 arrays as they are;
     bfloat16 given as uint16 bit patterns or as an ml_dtypes bfloat16 array (a shift)."""
     a = np.asarray(stored)
-    if dtype == "bfloat16" and a.dtype.itemsize == 2 and a.dtype.kind != "f":
-        # uint16 bit patterns, or ml_dtypes' bfloat16 (kind "V"): its bytes are the same bits.
-        return (np.ascontiguousarray(a).view(np.uint16).astype(np.uint32)
-                << np.uint32(16)).view(np.float32)
+    if dtype == "bfloat16" and bf16.is_bf16(a):
+        return bf16.to_float32(np.ascontiguousarray(a))  # the one bfloat16 widening
     return a.astype(np.float32, copy=False)

@@ -14,14 +14,24 @@ from typing import Any
 
 from qtool import __version__
 from qtool.core.metrics import ErrorStats
+from qtool.core.scales import SCALE_CODES
 from qtool.core.schemes import QuantSpec, SpecError
-from qtool.core.shapes import param_shape, stored_shape
+from qtool.core.shapes import param_shape, stored_shape, zero_point_shape
 from qtool.formats import digest as _digest
 from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, reject_constant
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-"""Version 1 recorded SHA-256 file digests and had no manifest digest; it stays readable."""
+"""Version 1 recorded SHA-256 file digests and had no manifest digest, F32 scales and I32
+zero points of param_shape for every quantized tensor; it stays readable. Version 2: BLAKE3
+digests and a manifest digest; scales in the spec's scale_dtype, zero points U8 of
+zero_point_shape (0-d for the symmetric schemes, bit-packed below 8 bits), safetensors files
+marked as qtool's (docs/FORMAT.md)."""
+
+# The main file's __metadata__ (format_version 2): "format" is "qtool", so that model loaders
+# (which expect "pt", "tf", "flax" or "np") refuse it, and the source's own metadata is kept,
+# as JSON, under this key for dequantize to restore.
+SOURCE_METADATA_KEY = "qtool_source_metadata"
 
 
 MANIFEST = "qtool.json"
@@ -63,6 +73,13 @@ class TensorRecord:
     stats: ErrorStats | None = None
     original_bytes: int = 0
     stored_bytes: int = 0  # integers + scales + zero points, as stored (passthrough: original)
+    format_version: int = FORMAT_VERSION  # of the manifest it belongs to: the sidecar layout
+
+    @property
+    def bits_per_weight(self) -> float:
+        """8 x stored bytes / weights: what one weight costs on disk, sidecars included."""
+        n = math.prod(self.shape)
+        return 8.0 * self.stored_bytes / n if n else 0.0
 
     @property
     def quantized(self) -> bool:
@@ -85,6 +102,25 @@ class TensorRecord:
         assert self.spec is not None
         return param_shape(self.shape, self.spec)
 
+    @property
+    def scale_code(self) -> str:
+        """dtype code of the stored scales: F32 in version 1, the spec's scale_dtype after."""
+        assert self.spec is not None
+        return "F32" if self.format_version == 1 else SCALE_CODES[self.spec.scale_dtype]
+
+    @property
+    def zero_point_code(self) -> str:
+        return "I32" if self.format_version == 1 else "U8"
+
+    @property
+    def zero_point_shape(self) -> tuple[int, ...]:
+        """Shape of the stored zero points: param_shape in version 1; 0-d (symmetric) or
+        bit-packed per row (asymmetric below 8 bits) after."""
+        assert self.spec is not None
+        if self.format_version == 1:
+            return self.param_shape
+        return zero_point_shape(self.shape, self.spec)
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "file": self.file, "dtype": self.dtype,
                              "shape": list(self.shape)}
@@ -92,6 +128,8 @@ class TensorRecord:
             d["passthrough"] = self.passthrough
         else:
             d.update(self.spec.as_dict())
+            if self.format_version >= 2:
+                d["scale_dtype"] = self.spec.scale_dtype
             d["quantized_dtype"] = self.quantized_dtype
             d["packed"] = self.spec.packed
             d["stored_shape"] = list(self.stored_shape)
@@ -108,7 +146,7 @@ class TensorRecord:
         return d
 
     @classmethod
-    def from_json(cls, d: Any, where: str) -> TensorRecord:
+    def from_json(cls, d: Any, where: str, version: int = FORMAT_VERSION) -> TensorRecord:
         try:
             name, file, dtype, shape = d["name"], d["file"], d["dtype"], d["shape"]
             # A manifest may be hostile: everything later code relies on is checked here, so
@@ -120,7 +158,8 @@ class TensorRecord:
             if not isinstance(shape, list) or not all(
                     type(x) is int and x >= 0 for x in shape):
                 raise ValueError("shape is not a list of non-negative integers")
-            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape))
+            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape),
+                      format_version=version)
             sizes = (d["bytes"]["original"], d["bytes"]["stored"])
             if not all(type(v) is int and v >= 0 for v in sizes):
                 raise ValueError("bytes must hold non-negative integers")
@@ -135,6 +174,10 @@ class TensorRecord:
             spec_keys = ["scheme", "bits", "granularity", "range"]
             spec_keys += ["group_size"] if d["granularity"] == "group" else []
             spec_keys += ["percentile"] if d["range"] == "percentile" else []
+            if version >= 2:
+                spec_keys.append("scale_dtype")  # it sets the sidecars' layout
+            elif "scale_dtype" in d:
+                raise ValueError("scale_dtype is not part of format_version 1")
             missing = [k for k in spec_keys if k not in d]
             if missing:
                 raise KeyError(missing[0])
@@ -198,7 +241,7 @@ class Manifest:
             missing = [k for k in _REQUIRED if k not in doc]
             if missing:
                 raise ArtifactError(f"{where}: required field {missing[0]!r} is missing")
-            tensors = [TensorRecord.from_json(t, where) for t in doc["tensors"]]
+            tensors = [TensorRecord.from_json(t, where, version) for t in doc["tensors"]]
             m = cls(
                 source=dict(doc["source"]),
                 tensors=tensors,

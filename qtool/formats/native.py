@@ -2,7 +2,8 @@
 
 See docs/FORMAT.md. For every input shard ``<stem>.safetensors`` the artifact directory holds
 ``<stem>.safetensors`` (integers and passthrough tensors), ``<stem>.scale.safetensors``
-(float32 scales) and ``<stem>.zero_point.safetensors`` (int32 zero points), plus one
+(scales: float32 in format_version 1, the spec's scale_dtype in 2) and
+``<stem>.zero_point.safetensors`` (int32 zero points in 1; uint8, 0-d or packed, in 2), plus one
 ``qtool.json`` and, for a sharded input, an index named like the input's.
 """
 
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from qtool.core import packing
-from qtool.core.shapes import rows_cols
+from qtool.core.scales import scale_to_float32
+from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats import digest as _digest
 from qtool.formats._common import CheckpointError, reject_constant
 from qtool.formats.manifest import (
@@ -111,14 +113,15 @@ class Artifact:
                         )
                     if not t.quantized:
                         continue
-                    for side, dt in ((sc, "F32"), (zp, "I32")):
+                    for side, dt, shp in ((sc, t.scale_code, t.param_shape),
+                                          (zp, t.zero_point_code, t.zero_point_shape)):
                         if t.name not in side:
                             raise ArtifactError(f"{side.path}: tensor {t.name!r} is missing")
                         si = side[t.name]
-                        if (si.dtype, si.shape) != (dt, t.param_shape):
+                        if (si.dtype, si.shape) != (dt, shp):
                             raise ArtifactError(
                                 f"{side.path}: tensor {t.name!r} is {si.dtype} {list(si.shape)}, "
-                                f"expected {dt} {list(t.param_shape)}"
+                                f"expected {dt} {list(shp)}"
                             )
         if self.manifest.index is not None:
             self.read_index()
@@ -287,26 +290,33 @@ def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
         return problems
     spec = t.spec
     sides: dict[str, np.ndarray] = {}
-    for side, dt, what in ((sc, "F32", "scale"), (zp, "I32", "zero point")):
+    for side, dt, shp, what in ((sc, t.scale_code, t.param_shape, "scale"),
+                                (zp, t.zero_point_code, t.zero_point_shape, "zero point")):
         if side is None:
             continue
         if t.name not in side:
             problems.append(f"{side.path}: tensor {t.name!r} ({what}) is missing")
             continue
         si = side[t.name]
-        if (si.dtype, si.shape) != (dt, t.param_shape):
+        if (si.dtype, si.shape) != (dt, shp):
             problems.append(f"{side.path}: tensor {t.name!r} is {si.dtype} {list(si.shape)}, "
-                            f"expected {dt} {list(t.param_shape)}")
+                            f"expected {dt} {list(shp)}")
             continue
         sides[what] = side.read(si)
     if "scale" in sides:
-        s = sides["scale"]
+        s = scale_to_float32(sides["scale"], spec.scale_dtype)
         bad = s.size - int(np.count_nonzero(np.isfinite(s) & (s > 0)))
         if bad:
             problems.append(f"{sc.path if sc else ''}: tensor {t.name!r}: {bad} of {s.size} "
                             "scales are not finite and > 0")
     if "zero point" in sides:
         z = sides["zero point"]
+        if t.format_version >= 2:
+            if zp is not None and spec.packed and z.ndim == 2 and z.size and not np.array_equal(
+                    packing.pack(zero_point_from_stored(z, t.shape, spec), spec.bits), z):
+                problems.append(f"{zp.path}: tensor {t.name!r}: packed zero points have "
+                                "non-zero padding bits")
+            z = zero_point_from_stored(z, t.shape, spec)
         # Only asymmetric has a zero point; the other schemes store zeros (docs/FORMAT.md).
         hi = 2**spec.bits - 1 if spec.scheme == "asymmetric" else 0
         bad = int(np.count_nonzero((z < 0) | (z > hi)))

@@ -1,6 +1,7 @@
 """The native artifact as a sink: per input shard, ``<stem>.safetensors`` (integers and kept
 tensors), ``<stem>.scale.safetensors`` and ``<stem>.zero_point.safetensors``; at the end the
-index (for a sharded input) and ``qtool.json`` (docs/FORMAT.md)."""
+index (for a sharded input) and ``qtool.json`` (docs/FORMAT.md, format_version 2: scales in
+the spec's scale_dtype, zero points U8 of zero_point_shape, files marked as qtool's)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qtool.core.shapes import param_shape, stored_shape
+import numpy as np
+
+from qtool.core.scales import SCALE_CODES, scale_to_stored
+from qtool.core.shapes import param_shape, stored_shape, zero_point_shape, zero_point_to_stored
 from qtool.formats import digest as _digest
-from qtool.formats.manifest import MANIFEST, Manifest, TensorRecord, sidecar_names
+from qtool.formats.manifest import (
+    MANIFEST,
+    SOURCE_METADATA_KEY,
+    Manifest,
+    TensorRecord,
+    sidecar_names,
+)
 from qtool.formats.registry import OutTensor, PlannedTensor
 from qtool.formats.writer import SafetensorsWriter
 
-SCALE_CODE, ZERO_POINT_CODE = "F32", "I32"
+ZERO_POINT_CODE = "U8"
+# Every safetensors file of the artifact says it is qtool's: model loaders check "format"
+# ("pt", "tf", "flax", "np") and refuse another value, instead of loading integers as weights.
+MARK = {"format": "qtool"}
+
+
+def marked_metadata(source: dict[str, str] | None) -> dict[str, str]:
+    """The main file's __metadata__: the mark, and the source's metadata (JSON, "null" when
+    the source had none) for dequantize to restore."""
+    return {**MARK, SOURCE_METADATA_KEY: json.dumps(source, sort_keys=True)}
 
 
 def quantized_code(t: PlannedTensor) -> str:
@@ -49,14 +68,17 @@ class NativeSink:
             else:
                 main_entries.append((t.info.name, quantized_code(t),
                                      stored_shape(t.info.shape, t.spec)))
-                side_entries.append((t.info.name, param_shape(t.info.shape, t.spec)))
+                side_entries.append((t.info.name, SCALE_CODES[t.spec.scale_dtype],
+                                     param_shape(t.info.shape, t.spec),
+                                     zero_point_shape(t.info.shape, t.spec)))
         # The main file is the large one: a thread writes and hashes it behind the compute.
         self._writers = (
-            SafetensorsWriter(self.root / name, main_entries, metadata, background=True),
+            SafetensorsWriter(self.root / name, main_entries, marked_metadata(metadata),
+                              background=True),
             SafetensorsWriter(self.root / scale_name,
-                              [(n, SCALE_CODE, s) for n, s in side_entries]),
+                              [(n, code, s) for n, code, s, _ in side_entries], MARK),
             SafetensorsWriter(self.root / zp_name,
-                              [(n, ZERO_POINT_CODE, s) for n, s in side_entries]),
+                              [(n, ZERO_POINT_CODE, z) for n, _, _, z in side_entries], MARK),
         )
         self._names = (name, scale_name, zp_name)
         self.shards.append(name)
@@ -73,10 +95,14 @@ class NativeSink:
         if tensor.spec is None:
             return tensor.info.nbytes
         assert tensor.scale is not None and tensor.zero_point is not None
-        scale_w.write(name, tensor.scale)
-        zp_w.write(name, tensor.zero_point)
-        stored = math.prod(stored_shape(tensor.info.shape, tensor.spec))  # one byte per item
-        return stored + tensor.scale.nbytes + tensor.zero_point.nbytes
+        spec, shape = tensor.spec, tensor.info.shape
+        # bfloat16 scales are uint16 bit patterns: written as their raw bytes.
+        scale = scale_to_stored(tensor.scale, spec.scale_dtype).view(np.uint8)
+        zero = zero_point_to_stored(tensor.zero_point, shape, spec)
+        scale_w.write(name, scale)
+        zp_w.write(name, zero)
+        stored = math.prod(stored_shape(shape, spec))  # one byte per item
+        return stored + scale.nbytes + zero.nbytes
 
     def _close_shard(self) -> None:
         for w, fname in zip(self._writers, self._names, strict=True):

@@ -1,15 +1,26 @@
 """The native artifact as a source: each stored tensor straight from the memory map of its
-shard, with its scale and zero point read from the sidecars."""
+shard, with its scale and zero point read from the sidecars.
+
+Scales are handed out as stored (float32, float16, or bfloat16; the core widens them with
+``scales.scale_to_float32``); zero points one per range unit, or the one 0-d value of the
+symmetric schemes (format_version 2 unpacks them here)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qtool.core.shapes import rows_cols
-from qtool.formats.manifest import Manifest, TensorRecord, sidecar_names
+from qtool.core.shapes import rows_cols, zero_point_from_stored
+from qtool.formats.manifest import (
+    SOURCE_METADATA_KEY,
+    ArtifactError,
+    Manifest,
+    TensorRecord,
+    sidecar_names,
+)
 from qtool.formats.native import Artifact
 from qtool.formats.registry import InTensor
 
@@ -26,7 +37,7 @@ class NativeShard:
         except BaseException:
             self.main.close()
             raise
-        self.metadata = self.main.metadata
+        self.metadata = source_metadata(self.main.metadata, art.manifest.format_version)
 
     def read(self, record: TensorRecord) -> InTensor:
         info = self.main[record.name]
@@ -39,8 +50,10 @@ class NativeShard:
         def rows_of(a: int, b: int) -> np.ndarray:
             return main.view(info, a * width, b * width).reshape(b - a, width)
 
-        return InTensor(record, rows_of, self.scale.read(record.name),
-                        self.zero_point.read(record.name), main, info)
+        zero = self.zero_point.read(record.name)
+        if record.format_version >= 2:
+            zero = zero_point_from_stored(zero, record.shape, record.spec)
+        return InTensor(record, rows_of, self.scale.read(record.name), zero, main, info)
 
     def close(self) -> None:
         for f in (self.main, self.scale, self.zero_point):
@@ -51,6 +64,23 @@ class NativeShard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def source_metadata(metadata: dict[str, str] | None, version: int) -> dict[str, str] | None:
+    """The source checkpoint's __metadata__, from the artifact's main file: kept as JSON
+    under SOURCE_METADATA_KEY since format_version 2 (the file itself is marked as qtool's),
+    the file's own metadata before."""
+    if version < 2 or metadata is None or SOURCE_METADATA_KEY not in metadata:
+        return metadata
+    try:
+        doc = json.loads(metadata[SOURCE_METADATA_KEY])
+    except ValueError:
+        doc = False
+    if doc is not None and not (isinstance(doc, dict) and
+                                all(isinstance(v, str) for v in doc.values())):
+        raise ArtifactError(f"{SOURCE_METADATA_KEY} in the artifact's __metadata__ is not a "
+                            "JSON object of strings")
+    return doc
 
 
 class NativeSource:

@@ -13,6 +13,7 @@ import numpy as np
 from qtool.core import bf16
 from qtool.core.blocks import Mapper
 from qtool.core.quant import dequantize_rows
+from qtool.core.scales import scale_to_float32
 from qtool.core.schemes import SpecError
 from qtool.core.shapes import compute_dtype, rows_cols
 from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError
@@ -142,9 +143,10 @@ def _dequantize_streamed(t: InTensor, out_code: str, w: SafetensorsWriter,
             "is corrupt (qtool verify lists its problems)")
     # Only when the largest value scale * (q - zero_point) could exceed the output dtype's
     # range is each chunk checked for inf (a pass that is skipped otherwise).
-    reach = float(np.max(scale.astype(np.float64) * np.maximum(
-        np.abs(rec.spec.qmin - zero.astype(np.float64)),
-        np.abs(rec.spec.qmax - zero.astype(np.float64)))))
+    s64 = scale_to_float32(scale, rec.spec.scale_dtype).astype(np.float64)
+    z64 = zero.astype(np.float64)
+    reach = float(np.max(s64 * np.maximum(np.abs(rec.spec.qmin - z64),
+                                          np.abs(rec.spec.qmax - z64))))
     check = reach >= FLOAT_MAX[out_code]
     for a in range(0, rows, step):
         b = min(a + step, rows)

@@ -16,14 +16,15 @@ from qtool.core.blocks import NegativeValuesError, NonFiniteError
 from qtool.core.metrics import ErrorStats
 from qtool.core.quant import dequantize, quantize
 from qtool.core.schemes import QuantSpec, SpecError
-from qtool.core.shapes import compute_dtype, rows_cols
+from qtool.core.shapes import compute_dtype, rows_cols, stored_bytes
 from qtool.formats import digest as _digest
 from qtool.formats._common import CheckpointError, TensorInfo
-from qtool.formats.manifest import MANIFEST, ArtifactError, Manifest, TensorRecord, sidecar_names
+from qtool.formats.manifest import MANIFEST, ArtifactError, Manifest, TensorRecord
 from qtool.formats.native import Artifact
+from qtool.formats.native_source import NativeShard
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
-from qtool.pipeline.plan import _SCALE_OVERFLOW, QuantizeOptions, TensorResult, make_plan
+from qtool.pipeline.plan import QuantizeOptions, TensorResult, make_plan, scale_overflow
 from qtool.pipeline.streams import _jobs
 
 # --------------------------------------------------------------------------- measuring (report)
@@ -103,8 +104,8 @@ class DryRun:
             # possible with this scheme" instead of giving up on every other scheme too.
             return kept(f"{spec.scheme}: {e}")
         if not np.isfinite(qt.scale).all():
-            return kept(f"{spec.scheme}: {_SCALE_OVERFLOW}")
-        stored = qt.data.nbytes + qt.scale.nbytes + qt.zero_point.nbytes
+            return kept(f"{spec.scheme}: {scale_overflow(spec)}")
+        stored = stored_bytes(info.shape, spec)  # as the artifact would store it
         return TensorRecord(info.name, info.path.name, info.dtype, info.shape, spec,
                             stats=qt.stats, original_bytes=info.nbytes, stored_bytes=stored)
 
@@ -203,10 +204,8 @@ class MeasureRun:
         try:
             for shard in m.shards:
                 records = [t for t in m.tensors if t.file == shard]
-                scale_name, zp_name = sidecar_names(shard)
-                with self.art.open_file(shard) as main, \
-                        self.art.open_file(scale_name) as sc, \
-                        self.art.open_file(zp_name) as zp, \
+                # The shard reader hands out the sidecars of either format version.
+                with NativeShard(self.art, shard) as reader, \
                         SafetensorsFile(self.originals[shard]) as orig:
                     for rec in records:
                         if rec.spec is None:
@@ -222,9 +221,10 @@ class MeasureRun:
                         if rec.dtype == "BF16":  # bit patterns; float32 holds them exactly
                             w = bf16.to_float32(w)
                         cdt = compute_dtype(w.dtype)
-                        w_hat = dequantize(main.read(rec.name), sc.read(rec.name),
-                                           zp.read(rec.name), rec.shape, rec.spec, cdt, cdt,
-                                           pool.map)
+                        t = reader.read(rec)
+                        assert t.scale is not None and t.zero_point is not None
+                        w_hat = dequantize(t.file.read(t.info), t.scale, t.zero_point,
+                                           rec.shape, rec.spec, cdt, cdt, pool.map)
                         stats = _stats_by_blocks(w, w_hat)
                         if not math.isfinite(stats.signal_sq):
                             raise CheckpointError(
@@ -233,7 +233,7 @@ class MeasureRun:
                                                               stats.max_abs_error)):
                             # NaN or infinite scales: a damaged artifact, not a figure.
                             raise ArtifactError(
-                                f"{sc.path}: tensor {rec.name!r} dequantizes to NaN or "
+                                f"{reader.scale.path}: tensor {rec.name!r} dequantizes to NaN or "
                                 "infinite values (see qtool verify)"
                             )
                         yield TensorResult(replace(rec, stats=stats), rec.original_bytes)

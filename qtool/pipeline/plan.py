@@ -48,6 +48,9 @@ class QuantizeOptions:
     nan_policy: str = "error"
     force: bool = False
     output_format: str = "qtool"  # a key of qtool.formats.registry.SINKS
+    # "auto" or one of schemes.SCALE_DTYPES; resolved per tensor by decide() (a recipe rule's
+    # scale_dtype wins), which overrides spec.scale_dtype.
+    scale_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,23 @@ class Plan:
         return sum(info.nbytes for info, _, _ in self.items)
 
 
-# Scales are stored as float32 (docs/FORMAT.md): F64 weights beyond about 4e40 would need a
+# Scales are stored in the spec's scale_dtype (docs/FORMAT.md): weights beyond qmax times its
+# largest value (about 4e40 for float32 or bfloat16, 8e6 for float16 at 8 bits) would need a
 # larger one, which becomes inf and would restore as inf or NaN.
-_SCALE_OVERFLOW = "has values too large for a float32 scale"
+def scale_overflow(spec: QuantSpec) -> str:
+    return f"has values too large for a {spec.scale_dtype} scale"
+
+
+# What "auto" means: the source's own precision for F16 and BF16 (their scales need no more),
+# float32 for F32 and F64.
+AUTO_SCALE_DTYPES = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def resolve_scale_dtype(choice: str, dtype_code: str) -> str:
+    """The scale dtype of a tensor of safetensors dtype ``dtype_code`` for ``choice``."""
+    if choice == "auto":
+        return AUTO_SCALE_DTYPES.get(dtype_code, "float32")
+    return choice
 
 
 def _glob_any(name: str, patterns: tuple[str, ...]) -> bool:
@@ -95,19 +112,21 @@ def decide(info: TensorInfo, opts: QuantizeOptions) -> tuple[QuantSpec | None, s
     if opts.only and not _glob_any(info.name, opts.only):
         return None, "not matched by --only"
     spec = opts.spec
+    scale_dtype = opts.scale_dtype
     for rule in opts.rules:
         if rule.matches(info.name):
             if rule.skip:
                 return None, f"recipe rule {rule.match!r}: skip"
             try:
                 settings = dict(rule.settings)
+                scale_dtype = str(settings.pop("scale_dtype", scale_dtype))
                 spec = spec.with_(**settings)
                 if spec.scheme == "gnmt" and settings.get("granularity", "channel") != "channel":
                     raise SpecError(f"scheme gnmt is always per row, not {settings['granularity']}")
             except (SpecError, TypeError) as e:
                 raise SpecError(f"{rule.label} on tensor {info.name!r}: {e}") from None
             break
-    return spec, None
+    return spec.with_(scale_dtype=resolve_scale_dtype(scale_dtype, info.dtype)), None
 
 
 def make_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:

@@ -9,6 +9,7 @@
     granularity = "group"
     group_size = 64
     range = "mse"
+    scale_dtype = "float16"   # auto (the default), float32, float16 or bfloat16
 
 The first rule whose ``match`` fits a tensor's name decides its settings; keys a rule leaves
 out come from the command line (``pipeline.decide`` applies the rules). This module only
@@ -23,7 +24,14 @@ import re
 import tomllib
 from pathlib import Path
 
-from qtool.core.schemes import GRANULARITIES, RANGE_METHODS, SCHEMES, QuantSpec, SpecError
+from qtool.core.schemes import (
+    GRANULARITIES,
+    RANGE_METHODS,
+    SCALE_DTYPES,
+    SCHEMES,
+    QuantSpec,
+    SpecError,
+)
 from qtool.formats.safeio import read_capped
 from qtool.pipeline.plan import Rule
 
@@ -37,9 +45,11 @@ SETTING_KEYS: dict[str, tuple[type, ...]] = {
     "group_size": (int,),
     "range": (str,),
     "percentile": (int, float),
+    "scale_dtype": (str,),
 }
 RULE_KEYS = ("match", "skip", *SETTING_KEYS)
-_CHOICES = {"scheme": SCHEMES, "granularity": GRANULARITIES, "range": RANGE_METHODS}
+_CHOICES = {"scheme": SCHEMES, "granularity": GRANULARITIES, "range": RANGE_METHODS,
+            "scale_dtype": ("auto", *SCALE_DTYPES)}
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
 
 
@@ -71,6 +81,8 @@ def _check_value(where: str, key: str, value: object) -> None:
         raise RecipeError(
             f"{where}: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}"
         )
+    if key == "scale_dtype":  # "auto" is resolved per tensor, not a QuantSpec value
+        return
     try:
         # QuantSpec holds the range checks (bits 2..8, group_size >= 1, percentile in
         # (50, 100]); a spec with only this key changed from the defaults isolates them.
@@ -113,7 +125,8 @@ def parse_rule(raw: object, where: str) -> Rule:
         # Settings that contradict each other within the rule (scheme gnmt with bits 4) are
         # caught here; ones that contradict the command line are caught per tensor by decide.
         try:
-            QuantSpec(**settings)  # type: ignore[arg-type]
+            QuantSpec(**{k: v for k, v in settings.items()  # type: ignore[arg-type]
+                         if k != "scale_dtype"})
         except SpecError as e:
             raise RecipeError(f"{where}: {e}") from None
     if "percentile" in settings:

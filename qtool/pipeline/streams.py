@@ -24,7 +24,7 @@ from qtool.formats.registry import Chunk, OutTensor
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint
 from qtool.formats.writer import SafetensorsWriter
-from qtool.pipeline.plan import _SCALE_OVERFLOW, Plan
+from qtool.pipeline.plan import Plan, scale_overflow
 
 # --------------------------------------------------------------------------- streaming
 #
@@ -147,7 +147,7 @@ def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buf
     the end ``out`` gets the parameters (small: one value per row or group) and statistics.
 
     Raises NonFiniteError / NegativeValuesError from the core, and CheckpointError when a
-    scale overflows float32 (the stored sidecar's dtype)."""
+    scale overflows its dtype (spec.scale_dtype, the stored sidecar's)."""
     tq = TensorQuantizer(info.shape, info.np_dtype, spec)
     cols = tq.cols
 
@@ -166,7 +166,7 @@ def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buf
         yield q, functools.partial(buffers.put, buf)
     if not np.isfinite(tq.scale).all():
         raise CheckpointError(
-            f"{sf.path}: tensor {info.name!r} {_SCALE_OVERFLOW} (absmax "
+            f"{sf.path}: tensor {info.name!r} {scale_overflow(spec)} (absmax "
             f"{_absmax(sf, info):.4g}); --skip it to keep it in float")
     out.scale, out.zero_point, out.stats = tq.scale, tq.zero_point, tq.stats
 

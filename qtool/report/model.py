@@ -20,6 +20,7 @@ from typing import Any
 
 from qtool.core.metrics import ErrorStats
 from qtool.core.schemes import QuantSpec
+from qtool.core.shapes import stored_bytes
 from qtool.formats._common import DTYPES, CheckpointError
 from qtool.formats.manifest import TensorRecord
 from qtool.formats.safeio import read_capped
@@ -325,8 +326,11 @@ def _with_real_bytes(rec: TensorRecord) -> TensorRecord:
     if rec.spec is None:
         stored = original
     else:
-        # integers are one byte each (packed below 8 bits); scales F32 and zero points I32
-        stored = math.prod(rec.stored_shape) + 8 * math.prod(rec.param_shape)
+        if rec.format_version == 1:
+            # integers are one byte each (packed below 8 bits); scales F32, zero points I32
+            stored = math.prod(rec.stored_shape) + 8 * math.prod(rec.param_shape)
+        else:  # scales in their scale_dtype, zero points U8 (0-d, or packed below 8 bits)
+            stored = stored_bytes(rec.shape, rec.spec)
     return replace(rec, original_bytes=original, stored_bytes=stored)
 
 

@@ -160,9 +160,11 @@ skip = true
                           percentile=99.5)
     cli = QuantSpec("asymmetric", group_size=32, range="percentile", percentile=99.5)
     assert by_name["model.layers.0.mlp.up_proj.weight"] == (cli.with_(bits=6), None)
-    for n in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
-              "model.layers.1.mlp.gate_proj.weight"):
+    for n in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"):
         assert by_name[n] == (cli.with_(bits=3, granularity="group"), None), n
+    # a BF16 tensor: --scale-dtype auto (the default) stores its scales in bfloat16
+    assert by_name["model.layers.1.mlp.gate_proj.weight"] == (
+        cli.with_(bits=3, granularity="group", scale_dtype="bfloat16"), None)
     assert by_name["model.layers.0.mlp.down_proj.weight"] == (cli, None)
     assert by_name["model.embed_tokens.weight"] == (None, "recipe rule '*embed*': skip")
     assert plan.warnings == []

@@ -221,8 +221,9 @@ def test_packed_artifact_bytes_are_as_really_stored(tmp_path):
     tensors = {"w": np.random.default_rng(1).normal(size=(6, 13)).astype(np.float32)}
     _, out = _quantize(tmp_path, tensors, "--bits", "4", "--scheme", "asymmetric")
     r = _json(run("report", out, "--format", "json"))["tensors"][0]["results"]["artifact"]
-    # 13 four-bit values per row -> 7 bytes per row; a float32 scale and int32 zero point.
-    assert r["quantized_bytes"] == 6 * 7 + 6 * 4 + 6 * 4
+    # 13 four-bit values per row -> 7 bytes per row; a float32 scale and a 4-bit zero point,
+    # packed: 1 byte per row (format_version 2).
+    assert r["quantized_bytes"] == 6 * 7 + 6 * 4 + 6 * 1
     on_disk = sum(load_file(str(out / f"model.{k}safetensors"))["w"].nbytes
                   for k in ("", "scale.", "zero_point."))
     assert r["quantized_bytes"] == on_disk
@@ -488,13 +489,25 @@ def _transposed_scale(out):
     scales = load_file(str(path))
     name = "layers.0.attn.q.weight"
     scales[name] = scales[name].reshape(1, -1)
-    save_file(scales, str(path))
+    save_file(scales, str(path), metadata={"format": "qtool"})
+
+
+def _transposed_zero_point(out):
+    # The same for the U8 zero points of an asymmetric tensor.
+    run("quantize", out.parent / "model.safetensors", out, "-q", "--scheme", "asymmetric",
+        "--force")
+    path = out / "model.zero_point.safetensors"
+    zps = load_file(str(path))
+    name = "layers.0.attn.q.weight"
+    zps[name] = zps[name].reshape(1, -1)
+    save_file(zps, str(path), metadata={"format": "qtool"})
 
 
 @pytest.mark.parametrize("damage, fragment", [
     (_corrupt_manifest, "qtool.json: not valid JSON"),
     (_no_metrics, "has no metrics; pass --original"),
     (_transposed_scale, "expected F32 [32, 1]"),
+    (_transposed_zero_point, "expected U8 [32, 1]"),
 ])
 def test_bad_artifacts_exit_2(tmp_path, damage, fragment):
     _, out = _quantize(tmp_path, None, "--scheme", "symmetric")
@@ -614,7 +627,8 @@ def _symmetric(w):
     absmax = np.abs(w).max(axis=1, keepdims=True).astype(np.float64)
     s = np.where(absmax == 0, 1.0, absmax / 127).astype(np.float32)
     q = np.clip(np.rint(w / s), -128, 127)
-    return (s * q.astype(np.float32)).astype(np.float32), w.size + 8 * w.shape[0]
+    # int8 values, a float32 scale per row and one (0-d) zero point
+    return (s * q.astype(np.float32)).astype(np.float32), w.size + 4 * w.shape[0] + 1
 
 
 def _asymmetric(w):
@@ -624,7 +638,8 @@ def _asymmetric(w):
     s = np.where(span == 0, 1.0, span).astype(np.float32)
     z = np.clip(np.rint(-lo / s.astype(np.float64)), 0, 255).astype(np.float32)
     q = np.clip(np.rint(w / s) + z, 0, 255)
-    return (s * (q - z)).astype(np.float32), w.size + 8 * w.shape[0]
+    # uint8 values, a float32 scale and a uint8 zero point per row
+    return (s * (q - z)).astype(np.float32), w.size + 5 * w.shape[0]
 
 
 def test_dry_run_compares_two_schemes_and_writes_nothing(tmp_path):
@@ -817,7 +832,7 @@ def test_original_with_a_nan_scale_exits_2(tmp_path):
     path = out / "model.scale.safetensors"
     scales = load_file(str(path))
     scales["head.weight64"][3, 0] = np.nan  # same size: only the values can tell
-    save_file(scales, str(path))
+    save_file(scales, str(path), metadata={"format": "qtool"})
     res = run("report", out, "--original", src, "--format", "json", expect=2)
     assert "'head.weight64' dequantizes to NaN" in res.stderr and res.stdout == ""
 
@@ -845,5 +860,5 @@ def test_dry_run_takes_recipe_and_nan_policy(tmp_path):
     assert (mlp["bits"], mlp["granularity"], mlp["group_size"]) == (4, "group", 16)
     assert rows["a.attn.weight"]["results"]["symmetric"]["bits"] == 8
     assert "NaN" in rows["bad.weight"]["results"]["symmetric"]["passthrough"]
-    # packed 4-bit: 8 rows x 32 bytes, plus 8 x 4 scales and zero points (float32, int32)
-    assert mlp["quantized_bytes"] == 8 * 32 + 2 * 8 * 4 * 4
+    # packed 4-bit: 8 rows x 32 bytes, plus 8 x 4 float32 scales and one 0-d zero point
+    assert mlp["quantized_bytes"] == 8 * 32 + 8 * 4 * 4 + 1
