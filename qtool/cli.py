@@ -150,7 +150,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
                           "float (--nan-policy skip)", markup=False, soft_wrap=True)
     if quiet and not as_json:
         return EXIT_OK  # nothing to show: no summary to build
-    from qtool.report.model import quantize_summary
+    from qtool.report.summary import quantize_summary
     from qtool.report.tables import render_summary
 
     summary = quantize_summary(records, Path(out_dir), seconds)

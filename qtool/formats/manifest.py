@@ -76,12 +76,6 @@ class TensorRecord:
     format_version: int = FORMAT_VERSION  # of the manifest it belongs to: the sidecar layout
 
     @property
-    def bits_per_weight(self) -> float:
-        """8 x stored bytes / weights: what one weight costs on disk, sidecars included."""
-        n = math.prod(self.shape)
-        return 8.0 * self.stored_bytes / n if n else 0.0
-
-    @property
     def quantized(self) -> bool:
         return self.spec is not None
 

@@ -32,6 +32,11 @@ def _fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}×"
 
 
+def _fmt_bpw(x: float | None) -> str:
+    """Bits per weight: three decimals (4.625, 8.008), enough to tell sidecar layouts apart."""
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "×".join(str(d) for d in shape) if shape else "scalar"
 

@@ -4,6 +4,7 @@ before, after per group), so that table, Markdown and HTML say the same thing.""
 from __future__ import annotations
 
 from qtool.report.fmt import (
+    _fmt_bpw,
     _fmt_change,
     _fmt_err,
     _fmt_pct,
@@ -42,6 +43,7 @@ def _totals_lines(report: Report) -> list[tuple[str, str, list[str]]]:
         ("tensors kept in float", "", [str(t.passthrough) for t in ts]),
         ("tensor bytes", short_bytes(t0.bytes_before), [short_bytes(t.bytes_after) for t in ts]),
         ("compression", "", [_fmt_ratio(t.ratio) for t in ts]),
+        ("bits per weight, quantized", "", [_fmt_bpw(t.bits_per_weight) for t in ts]),
         ("memory saved", "", [short_bytes(t.saved) for t in ts]),
         ("memory saved %", "", [_fmt_pct(t.saved_percent) for t in ts]),
     ]

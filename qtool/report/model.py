@@ -32,7 +32,7 @@ from qtool.report.energy import (
     Workload,
     estimate,
 )
-from qtool.report.fmt import _fmt_sqnr, _gran, _json_float
+from qtool.report.fmt import _fmt_sqnr, _gran
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown", "html")
@@ -48,40 +48,6 @@ BEST = "★"
 class ReportError(CheckpointError):
     """Bad input to the report (exit 2): a malformed energy model, a manifest without
     metrics, options that do not apply to the given PATH."""
-
-
-# --------------------------------------------------------------------------- quantize summary
-
-
-def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float) -> dict[str, Any]:
-    """The summary `quantize` shows: counts, bytes as stored (file sizes) before and after."""
-    from qtool.formats.native import Artifact
-
-    art = Artifact.open(out_dir)
-    before = sum(int(f["size"]) for f in art.manifest.source["files"])
-    after = sum(int(f["size"]) for f in art.manifest.files.values())
-    quantized = sum(1 for r in records if r.quantized)
-    stats = ErrorStats()
-    worst: TensorRecord | None = None
-    for r in records:
-        if r.stats is None:
-            continue
-        stats = stats.merge(r.stats)
-        if worst is None or worst.stats is None or r.stats.sqnr_db < worst.stats.sqnr_db:
-            worst = r
-
-    quality = None if worst is None or worst.stats is None else {
-        "sqnr_db": _json_float(stats.sqnr_db),
-        "worst": {"name": worst.name, "sqnr_db": _json_float(worst.stats.sqnr_db)}}
-    return {
-        "output": str(out_dir),
-        "tensors": {"quantized": quantized, "passthrough": len(records) - quantized},
-        "bytes": {"before": before, "after": after},
-        "compression_ratio": round(before / after, 4) if after else None,
-        # SQNR over every quantized value and the worst tensor; null when nothing is quantized
-        "quality": quality,
-        "seconds": round(seconds, 3),
-    }
 
 
 # --------------------------------------------------------------------------- energy model file
@@ -133,7 +99,7 @@ class Row:
 def bits_per_weight(rec: TensorRecord) -> float | None:
     """8 × stored bytes / weights (integers, scales and zero points all counted); a kept
     tensor: its dtype's width. None for an empty tensor. The one place the report computes
-    it (issue 11 adds core.shapes.bits_per_weight for a spec; this takes what is stored)."""
+    it (core.shapes.bits_per_weight gives the same for a spec; this takes what is stored)."""
     n = math.prod(rec.shape)
     return 8.0 * rec.stored_bytes / n if n else None
 
@@ -155,6 +121,20 @@ class Totals:
     bytes_after: int
     stats: ErrorStats  # merged over the quantized tensors
     worst: Worst | None
+    weights: int = 0  # parameters of every tensor
+    quantized_weights: int = 0  # parameters of the quantized tensors
+    quantized_bytes: int = 0  # what the quantized tensors occupy: integers + scales + zero points
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        """8 x stored bytes / weights over the quantized tensors (sidecars included)."""
+        return 8.0 * self.quantized_bytes / self.quantized_weights if self.quantized_weights \
+            else None
+
+    @property
+    def bits_per_weight_all(self) -> float | None:
+        """The same over every tensor, those kept in float included."""
+        return 8.0 * self.bytes_after / self.weights if self.weights else None
 
     @property
     def passthrough(self) -> int:
@@ -247,11 +227,15 @@ class Report:
             if worst is None or (s.sqnr_db, -s.max_abs_error) < (worst.sqnr_db,
                                                                    -worst.max_abs_error):
                 worst = Worst(r.name, s.sqnr_db, s.max_abs_error)
+        q_rows = [r for r in self.rows if r.results[i].quantized]
         return Totals(
             tensors=len(self.rows), quantized=quantized,
             bytes_before=sum(r.results[i].original_bytes for r in self.rows),
             bytes_after=sum(r.results[i].stored_bytes for r in self.rows),
             stats=stats, worst=worst,
+            weights=sum(r.parameters for r in self.rows),
+            quantized_weights=sum(r.parameters for r in q_rows),
+            quantized_bytes=sum(r.results[i].stored_bytes for r in q_rows),
         )
 
     def _check(self) -> list[Offender]:

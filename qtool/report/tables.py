@@ -17,6 +17,7 @@ from qtool.formats.manifest import TensorRecord
 from qtool.report.energy import assumptions
 from qtool.report.fmt import (
     _common_prefix,
+    _fmt_bpw,
     _fmt_cos,
     _fmt_err,
     _fmt_ratio,
@@ -36,6 +37,7 @@ from qtool.report.model import (
     SQNR_YELLOW_DB,
     Report,
     Row,
+    bits_per_weight,
 )
 
 # --------------------------------------------------------------------------- table
@@ -210,6 +212,7 @@ def _artifact_cols(report: Report, rows: list[Row]) -> list[_Col]:
         _Col("size", [Text(human_bytes(rec.original_bytes)) for rec in recs], 6),
         _Col("stored", [Text(human_bytes(rec.stored_bytes)) for rec in recs], 2),
         _Col("ratio", [Text(_fmt_ratio(_ratio(rec))) for rec in recs], 3),
+        _Col("bits/\nweight", [Text(_fmt_bpw(bits_per_weight(rec))) for rec in recs], 6),
         _Col("MSE", _metric_cells(report, recs, lambda s: f"{s.mse:.3g}"), 12),
         _Col("SQNR\ndB", _metric_cells(report, recs, lambda s: _fmt_sqnr(s.sqnr_db),
                                        lambda s: _sqnr_style(report, s.sqnr_db)), 1),
@@ -254,6 +257,7 @@ def _dry_run_cols(report: Report, rows: list[Row]) -> list[_Col]:
                 report, recs, lambda s: _fmt_err(s.max_abs_error),
                 lambda s: _err_style(report, s.max_abs_error)), 3),
             _Col(head("ratio"), [Text(_fmt_ratio(_ratio(rec))) for rec in recs], 5),
+            _Col(head("bits/w"), [Text(_fmt_bpw(bits_per_weight(rec))) for rec in recs], 5),
             _Col(head("cosine"), _metric_cells(report, recs, lambda s: _fmt_cos(s.cosine)),
                  8),
             _Col(head("MSE"), _metric_cells(report, recs, lambda s: f"{s.mse:.3g}"), 9),
@@ -305,6 +309,10 @@ def render_summary(summary: dict[str, Any]) -> RenderableType:
     t.add_row("bytes after", human_bytes(summary["bytes"]["after"]))
     ratio = summary["compression_ratio"]
     t.add_row("compression", f"{ratio:.2f}×" if ratio else "-")
+    per = list(summary["bits_per_weight_by_tensor"].values())
+    spread = f" ({_fmt_bpw(min(per))}–{_fmt_bpw(max(per))} per tensor)" \
+        if per and min(per) != max(per) else ""
+    t.add_row("bits per weight, quantized", _fmt_bpw(summary["bits_per_weight"]) + spread)
     t.add_row("time", f"{summary['seconds']:.2f} s")
     q = summary.get("quality")
     if q is None:

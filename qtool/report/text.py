@@ -13,6 +13,7 @@ from qtool.formats.manifest import TensorRecord
 from qtool.report.energy import assumptions
 from qtool.report.fmt import (
     _csv_value,
+    _fmt_bpw,
     _fmt_cos,
     _fmt_err,
     _fmt_ratio,
@@ -30,6 +31,7 @@ from qtool.report.model import (
     SCHEMA_VERSION,
     Report,
     Totals,
+    bits_per_weight,
 )
 
 # --------------------------------------------------------------------------- formatting
@@ -73,6 +75,8 @@ def _result_json(rec: TensorRecord) -> dict[str, Any]:
         "range": spec.range if spec else None,
         "quantized_bytes": rec.stored_bytes,
         "compression_ratio": ratio,
+        # 8 x quantized_bytes / parameters: sidecars included (kept tensors: their dtype's)
+        "bits_per_weight": bits_per_weight(rec),
         "mse": None, "sqnr_db": None, "exact": None, "max_abs_error": None, "cosine": None,
     }
     if stats is not None:
@@ -98,6 +102,7 @@ def _totals_json(t: Totals) -> dict[str, Any]:
         "tensors": t.tensors, "quantized": t.quantized, "passthrough": t.passthrough,
         "bytes_before": t.bytes_before, "bytes_after": t.bytes_after,
         "compression_ratio": t.ratio, "bytes_saved": t.saved, "saved_percent": t.saved_percent,
+        "bits_per_weight": t.bits_per_weight, "bits_per_weight_all": t.bits_per_weight_all,
         "mse": t.stats.mse if q else None,
         "sqnr_db": _json_float(t.stats.sqnr_db) if q else None,
         "max_abs_error": t.stats.max_abs_error if q else None,
@@ -159,7 +164,7 @@ def to_json(report: Report, sort: str | None = None, top: int | None = None) -> 
 
 CSV_FIELDS = ("scheme", "bits", "granularity", "group_size", "range", "passthrough",
               "quantized_bytes", "compression_ratio", "mse", "sqnr_db", "max_abs_error",
-              "cosine")
+              "cosine", "bits_per_weight")  # new fields go last: readers by position keep working
 
 
 def to_csv(report: Report, sort: str | None = None, top: int | None = None) -> str:
@@ -203,8 +208,8 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
     out = [f"### qtool report: `{_md(report.path)}`", "", _subtitle(report), ""]
     if report.kind == "artifact":
         out += ["| tensor | shape | scheme | bits | granularity | parameters | size | stored "
-                "| ratio | MSE | SQNR dB | max abs error | cosine |",
-                "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| ratio | bits/weight | MSE | SQNR dB | max abs error | cosine |",
+                "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             rec = r.results[0]
             cells = [f"`{_md(r.name)}`", _fmt_shape(r.shape)]
@@ -213,15 +218,17 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
             else:
                 cells += [rec.spec.scheme, str(rec.spec.bits), _gran(rec.spec)]
             cells += [f"{r.parameters:,}", human_bytes(rec.original_bytes),
-                      human_bytes(rec.stored_bytes), _fmt_ratio(_ratio(rec))]
+                      human_bytes(rec.stored_bytes), _fmt_ratio(_ratio(rec)),
+                      _fmt_bpw(bits_per_weight(rec))]
             cells += _md_metrics(rec)
             out.append("| " + " | ".join(cells) + " |")
     else:
         head = ["tensor", "shape", "parameters", "size"]
         align = ["---", "---:", "---:", "---:"]
         for lb in report.labels:
-            head += [f"{lb} stored", f"{lb} ratio", f"{lb} SQNR dB", f"{lb} max abs error"]
-            align += ["---:"] * 4
+            head += [f"{lb} stored", f"{lb} ratio", f"{lb} bits/weight", f"{lb} SQNR dB",
+                     f"{lb} max abs error"]
+            align += ["---:"] * 5
         out += ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
         for r in rows:
             cells = [f"`{_md(r.name)}`", _fmt_shape(r.shape), f"{r.parameters:,}",
@@ -229,10 +236,12 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
             for g, rec in enumerate(r.results):
                 if rec.stats is None:
                     cells += [human_bytes(rec.stored_bytes), "1.00×",
+                              _fmt_bpw(bits_per_weight(rec)),
                               f"kept: {_md(rec.passthrough or '')}", ""]
                     continue
                 mark = f" {BEST}" if r.best == g else ""
                 cells += [human_bytes(rec.stored_bytes), _fmt_ratio(_ratio(rec)),
+                          _fmt_bpw(bits_per_weight(rec)),
                           _fmt_sqnr(rec.stats.sqnr_db) + mark,
                           _fmt_err(rec.stats.max_abs_error)]
             out.append("| " + " | ".join(cells) + " |")

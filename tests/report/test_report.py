@@ -284,10 +284,12 @@ def test_csv_reads_back_with_the_csv_module(tmp_path):
     assert list(rows[0]) == ["name", "dtype", "shape", "parameters", "original_bytes",
                              "scheme", "bits", "granularity", "group_size", "range",
                              "passthrough", "quantized_bytes", "compression_ratio", "mse",
-                             "sqnr_db", "max_abs_error", "cosine"]
+                             "sqnr_db", "max_abs_error", "cosine", "bits_per_weight"]
     for row, t in zip(rows, doc["tensors"], strict=True):
         r = t["results"]["artifact"]
         assert row["name"] == t["name"]
+        assert float(row["bits_per_weight"]) == r["bits_per_weight"] == pytest.approx(
+            8 * r["quantized_bytes"] / tensors[t["name"]].size)
         assert json.loads(row["shape"]) == list(tensors[t["name"]].shape)
         assert int(row["parameters"]) == tensors[t["name"]].size
         assert int(row["original_bytes"]) == tensors[t["name"]].nbytes
