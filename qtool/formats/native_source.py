@@ -37,7 +37,8 @@ class NativeShard:
         except BaseException:
             self.main.close()
             raise
-        self.metadata = source_metadata(self.main.metadata, art.manifest.format_version)
+        self.metadata = source_metadata(self.main.metadata, art.manifest.format_version,
+                                        str(self.main.path))
 
     def read(self, record: TensorRecord) -> InTensor:
         info = self.main[record.name]
@@ -66,7 +67,8 @@ class NativeShard:
         self.close()
 
 
-def source_metadata(metadata: dict[str, str] | None, version: int) -> dict[str, str] | None:
+def source_metadata(metadata: dict[str, str] | None, version: int,
+                    where: str) -> dict[str, str] | None:
     """The source checkpoint's __metadata__, from the artifact's main file: kept as JSON
     under SOURCE_METADATA_KEY since format_version 2 (the file itself is marked as qtool's),
     the file's own metadata before."""
@@ -78,8 +80,8 @@ def source_metadata(metadata: dict[str, str] | None, version: int) -> dict[str, 
         doc = False
     if doc is not None and not (isinstance(doc, dict) and
                                 all(isinstance(v, str) for v in doc.values())):
-        raise ArtifactError(f"{SOURCE_METADATA_KEY} in the artifact's __metadata__ is not a "
-                            "JSON object of strings")
+        raise ArtifactError(f"{where}: {SOURCE_METADATA_KEY} in __metadata__ is not a JSON "
+                            "object of strings, nor null")
     return doc
 
 
