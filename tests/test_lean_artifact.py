@@ -233,37 +233,43 @@ def test_v1_artifacts_dequantize_verify_and_report_as_before(tmp_path, monkeypat
     r = run("verify", art)
     assert (r.stdout + r.stderr).startswith(
         f"{art}: ok: 3 files match their size and sha256; 4 tensors (3 quantized)")
-    # report: qtool 0.1's output (tests/fixtures/v1/report_*), plus the added bits per weight
+    # report: the output of qtool before format_version 2 (tests/fixtures/v1/report_*): every
+    # key and value it had is still there (reports may add keys, as bits per weight)
     monkeypatch.chdir(tmp_path)
     old = json.loads((V1 / f"report_{name}.json").read_text())
     new = json.loads(run("report", f"art_{name}", "--format", "json").stdout)
+    _assert_contains(new, old, "report")
     for t in new["tensors"]:
         r0 = t["results"]["artifact"]
-        assert r0.pop("bits_per_weight") == pytest.approx(
-            8 * r0["quantized_bytes"] / t["parameters"])
+        assert r0["bits_per_weight"] == pytest.approx(8 * r0["quantized_bytes"] / t["parameters"])
     totals = new["groups"][0]["totals"]
     q_bytes = sum(t["results"]["artifact"]["quantized_bytes"] for t in new["tensors"]
                   if t["results"]["artifact"]["quantized"])
     q_weights = sum(t["parameters"] for t in new["tensors"]
                     if t["results"]["artifact"]["quantized"])
-    assert totals.pop("bits_per_weight") == pytest.approx(8 * q_bytes / q_weights)
-    assert totals.pop("bits_per_weight_all") == pytest.approx(
+    assert totals["bits_per_weight"] == pytest.approx(8 * q_bytes / q_weights)
+    assert totals["bits_per_weight_all"] == pytest.approx(
         8 * totals["bytes_after"] / sum(t["parameters"] for t in new["tensors"]))
-    assert new == old
-    rows = list(csv.reader(io.StringIO(run("report", f"art_{name}", "--format", "csv").stdout)))
-    assert rows[0][-1] == "bits_per_weight"
-    assert [r[:-1] for r in rows] == list(csv.reader(io.StringIO(
-        (V1 / f"report_{name}.csv").read_text())))
-    md = run("report", f"art_{name}", "--format", "markdown").stdout.splitlines()
-    old_md = (V1 / f"report_{name}.md").read_text().splitlines()
-    # without the bits/weight column (10th cell of the tensor table) and totals line
-    head = next(i for i, ln in enumerate(md) if "bits/weight" in ln)
-    n = len(old_md[head].split(" | "))
-    cut = [" | ".join(c for j, c in enumerate(ln.split(" | ")) if j != 9)
-           if ln.startswith("|") and len(ln.split(" | ")) == n + 1 else ln
-           for ln in md if not ln.startswith("| bits per weight")]
-    cut[head + 1] = "|" + "|".join(cut[head + 1].strip("|").split("|")[:-1]) + "|"
-    assert cut == old_md
+    rows = list(csv.DictReader(io.StringIO(
+        run("report", f"art_{name}", "--format", "csv").stdout)))
+    old_rows = list(csv.DictReader(io.StringIO((V1 / f"report_{name}.csv").read_text())))
+    assert [{k: r[k] for k in r0} for r, r0 in zip(rows, old_rows, strict=True)] == old_rows
+    assert "bits_per_weight" in rows[0]
+
+
+def _assert_contains(new: object, old: object, where: str) -> None:
+    """``new`` holds everything ``old`` does (dicts may have more keys), value for value."""
+    if isinstance(old, dict):
+        assert isinstance(new, dict), where
+        for k, v in old.items():
+            assert k in new, f"{where}.{k} is missing"
+            _assert_contains(new[k], v, f"{where}.{k}")
+    elif isinstance(old, list):
+        assert isinstance(new, list) and len(new) == len(old), where
+        for i, (a, b) in enumerate(zip(new, old, strict=True)):
+            _assert_contains(a, b, f"{where}[{i}]")
+    else:
+        assert new == old, (where, new, old)
 
 
 @pytest.mark.parametrize("name", ["sym8", "asym4"])
