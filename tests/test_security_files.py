@@ -412,3 +412,80 @@ def test_header_length_of_an_unknown_file_is_not_echoed(tmp_path):
     line = _fails(tmp_path, ("quantize", p, tmp_path / "out"), "header length (first 8 bytes)",
                   watch=(p.parent,))
     assert SECRET_LEN8 not in line
+
+
+def test_directory_of_another_format_says_what_it_holds(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _torch_zip(d / "pytorch_model.bin")
+    (d / "config.json").write_text('{"model_type": "bert"}')
+    _fails(tmp_path, ("quantize", d, tmp_path / "out"), f"{d}: directory holds no .safetensors",
+           "but pytorch_model.bin is a PyTorch checkpoint", "qtool reads .safetensors files",
+           watch=(d,))
+
+
+# --------------------------------------------------------------------------------------------
+# a sharded artifact's index; two real processes
+
+
+@pytest.fixture
+def sharded_art(tmp_path: Path) -> Path:
+    from tests.test_security import _sharded
+
+    out = tmp_path / "sart"
+    run("quantize", _sharded(tmp_path), out, "-q")
+    assert (out / "model.safetensors.index.json").is_file()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_sharded_artifact_index_is_not_followed_or_waited_on(tmp_path, sharded_art, kind):
+    idx = sharded_art / "model.safetensors.index.json"
+    secret = _secret(tmp_path)
+    idx.unlink()
+    if kind == "symlink":
+        idx.symlink_to(secret)
+        fragment = f"{idx}: is a symbolic link"
+    else:
+        os.mkfifo(idx)
+        fragment = f"{idx}: a FIFO, not a regular file"
+    line = _fails(tmp_path, ("dequantize", sharded_art, tmp_path / "restored"), fragment)
+    assert "TOPSECRE" not in line and not (tmp_path / "restored").exists()
+    assert fragment in run("verify", sharded_art, expect=2).stderr
+
+
+def test_two_processes_into_one_new_target(tmp_path):
+    """Two real `qtool quantize` processes into one new OUT, both past their checks: the
+    first is stopped (SIGSTOP) once its staging directory exists, the second runs to the end
+    and wins; the first, continued, must exit 2 with the one-line message and leave the
+    winner intact."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "in" / "m.safetensors"
+    src.parent.mkdir()
+    rng = np.random.default_rng(0)
+    # 16 MB: enough work that the first run is caught while it writes (polled every ms).
+    write_checkpoint(src, {f"l{i}.weight": rng.normal(size=(512, 512)).astype(np.float32)
+                           for i in range(16)})
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "qtool", "quantize", str(src), str(out), "-q", "--jobs", "1"]
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not leftovers(tmp_path) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert first.poll() is None and leftovers(tmp_path), "the first run was not caught"
+        second = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert second.returncode == 0, second.stderr
+        winner = snapshot(out)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 2
+    err = first.stderr.read()
+    assert err == (f"qtool: error: {out}: was created by another process while qtool was "
+                   "writing; it was left untouched and nothing was written\n"), err
+    assert snapshot(out) == winner and verify(out) == [] and leftovers(tmp_path) == []

@@ -20,7 +20,7 @@ from qtool.formats._common import (
     _pread_exact,
     _short,
 )
-from qtool.formats.safeio import not_this_format, sniff
+from qtool.formats.safeio import WHAT_QTOOL_READS, not_this_format, sniff
 from qtool.formats.safeio import open_regular as _open_regular
 from qtool.formats.safetensors import SafetensorsFile
 
@@ -68,7 +68,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             return _open_index(indexes[0])
         files = sorted(c for c in p.iterdir() if c.name.endswith(".safetensors") and not c.is_dir())
         if not files:
-            raise CheckpointError(f"{path}: directory holds no .safetensors file or index")
+            raise CheckpointError(f"{path}: directory holds no .safetensors file or index"
+                                  f"{_other_formats(p)}")
         if len(files) > 1:
             raise CheckpointError(
                 f"{path}: directory holds {len(files)} .safetensors files and no "
@@ -80,6 +81,31 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if p.name.endswith(".json"):
         return _open_index(p)
     return _open_single(p)
+
+
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".npy", ".npz", ".h5")
+
+
+def _other_formats(d: Path) -> str:
+    """For a directory without safetensors: what its weight files are, when recognised
+    (", but pytorch_model.bin is a PyTorch checkpoint ..."), so the user knows to convert."""
+    for c in sorted(d.iterdir()):
+        if not c.name.lower().endswith(_WEIGHT_SUFFIXES):
+            continue
+        try:
+            fd = _open_regular(c)
+        except CheckpointError:
+            continue
+        try:
+            head = os.pread(fd, 4096, 0)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        kind = sniff(head, c.name)
+        if kind is not None:
+            return f", but {c.name} is {kind}; {WHAT_QTOOL_READS}"
+    return ""
 
 
 def _open_single(p: Path) -> Checkpoint:
