@@ -161,6 +161,29 @@ def test_export_loads_in_transformers(tmp_path, case):
             max_weight_diff=largest, max_output_diff=diff)
 
 
+def test_the_bare_model_class_loads_the_export(tmp_path):
+    """AutoModel on a ...ForCausalLM folder drops the `model.` prefix (and lm_head): the
+    export's targets make the prefix optional, so the int8 weights still load quantized."""
+    src = make_tiny_llama(tmp_path / "src")
+    art, out = tmp_path / "art", tmp_path / "out"
+    qtool("quantize", src, art, "-q")
+    qtool("export", art, out, "--to", "compressed-tensors")
+    want = restored(art, tmp_path / "deq.safetensors")
+    model, info = AutoModel.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert sorted(info["unexpected_keys"]) == ["lm_head.weight", "lm_head.weight_scale"]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    params = dict(model.named_parameters())
+    n = 0
+    for name, w in want.items():
+        if name.startswith("model.") and name.endswith(".weight") and w.ndim == 2:
+            got = params[name.removeprefix("model.")].detach().numpy()
+            np.testing.assert_array_equal(got.view(np.uint32), w.view(np.uint32), err_msg=name)
+            n += 1
+    assert n == 15
+
+
 def test_asymmetric_4bit_packed_against_the_library(tmp_path):
     """transformers 5.24 cannot load it (llm-compressor #1618); the library's own
     decompression of every exported module equals `qtool dequantize`, bit for bit."""
