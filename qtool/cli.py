@@ -8,11 +8,7 @@ that ``qtool --version`` stays fast.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +16,16 @@ import click
 from click.core import ParameterSource
 
 from qtool import __version__
-from qtool.console import FilePath, _err_console, _fail, _one_line, _progress, _show_progress
+from qtool.console import (
+    FilePath,
+    _err_console,
+    _fail,
+    _one_line,
+    _progress,
+    _show_progress,
+    _warn,
+)
+from qtool.group import EXIT_BAD_INPUT, EXIT_OK, QtoolGroup
 from qtool.options import (
     SCHEME_CHOICES,
     _dry_run_specs,
@@ -28,63 +33,18 @@ from qtool.options import (
     _make_spec,
     _workload,
     estimate_options,
+    ineffective_option_warnings,
+    output_format_options,
     report_spec_options,
     selection_options,
     spec_options,
 )
-
-EXIT_OK, EXIT_THRESHOLD, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class QtoolGroup(click.Group):
-    """Maps every expected error to a one-line message and an exit code, never a traceback."""
-
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
-        try:
-            with warnings.catch_warnings():
-                # numpy's floating-point RuntimeWarnings (overflow in a cast, ...) are not for
-                # the user: the cases behind them are checked and reported as one-line errors.
-                warnings.simplefilter("ignore", RuntimeWarning)
-                rv = super().main(args=args, prog_name=prog_name or "qtool",
-                                  complete_var=complete_var, standalone_mode=False, **extra)
-        except click.exceptions.UsageError as e:
-            _fail(e.format_message())
-            sys.exit(EXIT_BAD_INPUT)
-        except click.exceptions.Abort as e:
-            # Click turns Ctrl-C inside a command into Abort; the pipelines have discarded
-            # their temporary output by the time it gets here.
-            interrupted = isinstance(e.__cause__, KeyboardInterrupt)
-            _fail("interrupted; no output was written" if interrupted else "aborted")
-            sys.exit(130)
-        except KeyboardInterrupt:
-            _fail("interrupted; no output was written")
-            sys.exit(130)
-        except BrokenPipeError:
-            # The reader of stdout went away (e.g. `| head`): not an error of ours.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(EXIT_OK)
-        except Exception as e:
-            if _is_input_error(e):
-                _fail(str(e))
-                sys.exit(EXIT_BAD_INPUT)
-            raise
-        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 def _note(quiet: bool, line: str) -> None:
     """One plain line on stderr (unless --quiet): no Rich for a line that needs no drawing."""
     if not quiet:
         click.echo(line, err=True)
-
-
-def _is_input_error(e: BaseException) -> bool:
-    # Imported lazily: the error classes live below numpy-importing modules.
-    from qtool.core.schemes import SpecError
-    from qtool.formats._common import CheckpointError
-
-    return isinstance(e, CheckpointError | SpecError | OSError | click.ClickException)
 
 
 @click.group(cls=QtoolGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,13 +72,13 @@ def cli() -> None:
               help="Also record the BLAKE3 digest of the whole source file(s) (reads them "
                    "once more).")
 @click.option("--force", is_flag=True, help="Replace an earlier qtool artifact in OUT_DIR.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@output_format_options
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
 def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
              group_size: int, range_: str, percentile: float, scale_dtype: str,
              skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
              allow_unused_rules: bool, nan_policy: str, jobs: int, source_digest: bool,
-             force: bool, as_json: bool, quiet: bool) -> int:
+             force: bool, fmt: str, as_json: bool, quiet: bool) -> int:
     """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
     holding either) into the artifact directory OUT_DIR."""
     from qtool.pipeline.plan import QuantizeOptions
@@ -128,8 +88,10 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     if scheme == "gnmt" and granularity != "channel" and explicit is ParameterSource.COMMANDLINE:
         raise click.BadParameter(f"scheme gnmt is always per row, not {granularity}",
                                  param_hint="'--granularity'")
+    as_json = as_json or fmt == "json"
     spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
-    opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=_load_rules(recipe),
+    rules = _load_rules(recipe)
+    opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=rules,
                            allow_unused_rules=allow_unused_rules, jobs=jobs,
                            source_digest=source_digest, nan_policy=nan_policy, force=force,
                            scale_dtype=scale_dtype)
@@ -137,7 +99,8 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     results = quantize_checkpoint(src, out_dir, opts)
     plan = results.plan
     console = _err_console(quiet)
-    for w in plan.warnings:
+    ctx = click.get_current_context()
+    for w in [*ineffective_option_warnings(ctx, granularity, range_, rules), *plan.warnings]:
         # One line, verbatim: a glob like "*[0-9]*" is not Rich markup, and a long path must
         # not be wrapped (stderr may be a log that is grepped).
         console.print(f"qtool: warning: {w}", markup=False, soft_wrap=True)
@@ -162,7 +125,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
 
 @cli.command()
 @click.argument("art_dir", type=FilePath())
-@click.argument("out", type=FilePath())
+@click.argument("out", type=FilePath(str))  # a str: "dir/" (trailing slash) means a directory
 @click.option("--dtype", type=click.Choice(["original", "float32", "float16", "bfloat16"]),
               default="original", show_default=True,
               help="dtype of the restored float tensors (integer tensors keep theirs).")
@@ -171,13 +134,16 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
 @click.option("--verify", "verify_", is_flag=True,
               help="Check every file's size and digest against the manifest first.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT file.")
+@output_format_options
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
-def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, force: bool,
-               quiet: bool) -> int:
+def dequantize(art_dir: Path, out: Any, dtype: str, jobs: int, verify_: bool, force: bool,
+               fmt: str, as_json: bool, quiet: bool) -> int:
     """Restore a float checkpoint from the artifact ART_DIR (or a compressed-tensors model
-    folder) into OUT (a .safetensors file, or a directory for a sharded input)."""
+    folder) into OUT: a .safetensors file, or (like cp) an existing directory or one given as
+    DIR/, which receives the file under its original name; for a sharded input, the
+    directory that receives the shards."""
     from qtool.formats.native import Artifact
-    from qtool.pipeline.dequantize import dequantize_artifact
+    from qtool.pipeline.dequantize import dequantize_artifact, restore_target
     from qtool.pipeline.foreign import dequantize_ct, is_ct_folder
 
     t0 = time.perf_counter()
@@ -185,22 +151,28 @@ def dequantize(art_dir: Path, out: Path, dtype: str, jobs: int, verify_: bool, f
         if verify_:
             raise click.UsageError("--verify applies to a qtool artifact; "
                                    f"{art_dir} is a compressed-tensors folder")
-        n = sum(1 for _ in dequantize_ct(art_dir, out, dtype, force))
+        n = sum(1 for _ in dequantize_ct(art_dir, Path(out), dtype, force))
         _note(quiet, f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s")
         return EXIT_OK
     results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
     m = Artifact.open(art_dir).manifest
+    out = restore_target(out, m.shards[0] if m.index is None else None)
     total = sum(t.original_bytes for t in m.tensors)
     n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
                                  _show_progress(quiet)))
-    _note(quiet, f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s")
+    seconds = time.perf_counter() - t0
+    if as_json or fmt == "json":
+        click.echo(json.dumps({"output": str(out), "tensors": n, "dtype": dtype,
+                               "bytes": total, "seconds": round(seconds, 3)}, indent=2))
+    _note(quiet, f"restored {n} tensors into {out} in {seconds:.2f} s")
     return EXIT_OK
 
 
 @cli.command()
 @click.argument("art_dir", type=FilePath())
+@output_format_options
 @click.option("--quiet", "-q", is_flag=True, help="Print only the problems, if any.")
-def verify(art_dir: Path, quiet: bool) -> int:
+def verify(art_dir: Path, fmt: str, as_json: bool, quiet: bool) -> int:
     """Check the artifact ART_DIR: qtool.json against its own digest, every file's size and
     digest (BLAKE3; SHA-256 in format_version 1) against qtool.json, every
     tensor's dtype and shape, each quantized tensor's scale and zero point, and that the
@@ -210,14 +182,18 @@ def verify(art_dir: Path, quiet: bool) -> int:
 
     art = Artifact.load(art_dir)  # an unreadable manifest is one error like any bad input
     problems = art.file_problems() + art.tensor_problems()
+    m = art.manifest
+    n_q = sum(1 for t in m.tensors if t.quantized)
+    if as_json or fmt == "json":
+        click.echo(json.dumps({"path": str(art_dir), "ok": not problems,
+                               "files": len(m.files), "tensors": len(m.tensors),
+                               "quantized": n_q, "problems": problems}, indent=2))
     for p in problems:
         _fail(p)
     if problems:
         _fail(f"{art_dir}: {len(problems)} problem{'s' if len(problems) != 1 else ''}; "
               "the artifact does not verify")
         return EXIT_BAD_INPUT
-    m = art.manifest
-    n_q = sum(1 for t in m.tensors if t.quantized)
     _note(quiet, f"{art_dir}: ok: {len(m.files)} files match their size and {m.digest}; "
           f"{len(m.tensors)} tensors ({n_q} quantized) have the recorded dtypes, shapes and "
           "ranges")
@@ -264,8 +240,14 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
               help="Show only the first N tensors; totals and thresholds still cover all.")
 @click.option("--fail-under-sqnr", type=float, default=None, metavar="DB",
               help="Exit 1 if any quantized tensor's SQNR is below DB dB.")
+@click.option("--fail-under-total-sqnr", type=float, default=None, metavar="DB",
+              help="Exit 1 if the SQNR of all quantized tensors together (their errors "
+                   "summed) is below DB dB.")
 @click.option("--max-error", type=click.FloatRange(min=0), default=None, metavar="X",
               help="Exit 1 if any quantized tensor's max absolute error is above X.")
+@click.option("--exclude", multiple=True, metavar="GLOB",
+              help="Leave tensors whose name matches out of every threshold (still shown; "
+                   "repeatable), e.g. a tiny token_type_embeddings.")
 @click.option("--energy-model", type=FilePath(), default=None,
               metavar="FILE.json", help="Energy figures in pJ (see docs/ENERGY.md).")
 @estimate_options
@@ -281,12 +263,14 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
            allow_unused_rules: bool, nan_policy: str, original: Path | None,
            against: Path | None, fmt: str, chart: str | None, show_all: bool,
            sort: str | None, top: int | None, fail_under_sqnr: float | None,
-           max_error: float | None, energy_model: Path | None, tokens: int,
+           fail_under_total_sqnr: float | None, max_error: float | None,
+           exclude: tuple[str, ...], energy_model: Path | None, tokens: int,
            lookup: tuple[str, ...], int_activations: bool, bandwidth: float | None, jobs: int,
            verify_: bool, quiet: bool) -> int:
     """Per-tensor error, compression, memory and energy estimates of PATH (default: the
     current directory): a qtool artifact, or a plain checkpoint for a dry run of each
-    --scheme (nothing is written). Exit 1 when --fail-under-sqnr or --max-error is missed."""
+    --scheme (nothing is written). Exit 1 when --fail-under-sqnr, --fail-under-total-sqnr or
+    --max-error is missed (--exclude leaves tensors out of them)."""
     import math
 
     from click.core import ParameterSource
@@ -302,7 +286,8 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         load_energy_model,
     )
 
-    for flag, value in (("--fail-under-sqnr", fail_under_sqnr), ("--max-error", max_error)):
+    for flag, value in (("--fail-under-sqnr", fail_under_sqnr), ("--max-error", max_error),
+                        ("--fail-under-total-sqnr", fail_under_total_sqnr)):
         if value is not None and not math.isfinite(value):
             raise click.BadParameter(f"must be a finite number, not {value}", param_hint=flag)
     # Every bad input is found before the (possibly long) measurement starts.
@@ -315,7 +300,12 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         raise click.UsageError(f"--chart draws in the terminal; it does not apply to --format "
                                f"{fmt}")
     checks = {"energy_model": model, "fail_under_sqnr": fail_under_sqnr, "max_error": max_error,
-              "workload": _workload(tokens, lookup, int_activations, bandwidth)}
+              "workload": _workload(tokens, lookup, int_activations, bandwidth),
+              "fail_under_total_sqnr": fail_under_total_sqnr, "exclude": exclude}
+    if exclude and fail_under_sqnr is None and max_error is None and \
+            fail_under_total_sqnr is None:
+        _warn("--exclude has no effect without --fail-under-sqnr, --fail-under-total-sqnr "
+              "or --max-error", quiet)
     if path.is_file() and (path.parent / MANIFEST).is_file():
         # qtool.json itself, or one of an artifact's files: the artifact is the directory.
         raise click.BadParameter(f"{path} is part of a qtool artifact; report the directory "
@@ -355,9 +345,12 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
 
         specs = _dry_run_specs(schemes or ("symmetric",), bits, granularity, group_size,
                                range_, percentile)
+        rules = _load_rules(recipe)
+        for w in ineffective_option_warnings(ctx, granularity, range_, rules):
+            _warn(w, quiet)
         try:
             opts = QuantizeOptions(spec=specs[0], skip=skip, only=only,
-                                   rules=_load_rules(recipe),
+                                   rules=rules,
                                    allow_unused_rules=allow_unused_rules,
                                    nan_policy=nan_policy, jobs=jobs, scale_dtype=scale_dtype)
             drun = dry_run(path, specs, opts)

@@ -30,9 +30,12 @@ def _err_console(quiet: bool = False) -> Console:
 
     from rich.console import Console
 
+    # markup=False: paths and tensor names are printed as they are; "o[bold red]k" is not
+    # markup, and "[/" in a path must not raise a MarkupError after the work is done.
     if os.environ.get("NO_COLOR"):  # every escape code goes, bold and dim included
-        return Console(stderr=True, highlight=False, no_color=True, color_system=None)
-    return Console(stderr=True, quiet=quiet, highlight=False)
+        return Console(stderr=True, highlight=False, markup=False, no_color=True,
+                       color_system=None)
+    return Console(stderr=True, quiet=quiet, highlight=False, markup=False)
 
 
 def _out_console() -> Console:
@@ -43,9 +46,10 @@ def _out_console() -> Console:
 
     from rich.console import Console
 
+    # markup=False: a tensor name or path such as "o[bold red]k" is shown as it is.
     if os.environ.get("NO_COLOR"):
-        return Console(highlight=False, no_color=True, color_system=None)
-    return Console(highlight=False)
+        return Console(highlight=False, markup=False, no_color=True, color_system=None)
+    return Console(highlight=False, markup=False)
 
 
 def _one_line(msg: str) -> str:
@@ -57,11 +61,17 @@ def _fail(msg: str) -> None:
     click.echo(f"qtool: error: {_one_line(msg)}", err=True)
 
 
+def _warn(msg: str, quiet: bool = False) -> None:
+    """A one-line warning on stderr (silenced by --quiet)."""
+    if not quiet:
+        click.echo(f"qtool: warning: {_one_line(msg)}", err=True)
+
+
 class FilePath(click.Path):
     """A filesystem path; ``-`` is refused, since qtool reads and writes files, not streams."""
 
-    def __init__(self) -> None:
-        super().__init__(path_type=Path)
+    def __init__(self, path_type: type = Path) -> None:
+        super().__init__(path_type=path_type)
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:

@@ -13,6 +13,14 @@ def main() -> None:
 
         sys.stdout.write(f"qtool, version {__version__}\n")  # as click's version_option
         return
-    from qtool.cli import main as cli_main
+    try:
+        from qtool.cli import main as cli_main
 
-    cli_main()
+        cli_main()
+    except KeyboardInterrupt:
+        # A Ctrl-C while click, numpy and the rest load (hundreds of milliseconds on a cold
+        # start), before the CLI's own handler is in place: the same one line, no traceback.
+        from qtool import interrupted_message
+
+        sys.stderr.write(f"qtool: error: {interrupted_message()}\n")
+        sys.exit(130)

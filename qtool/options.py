@@ -11,6 +11,9 @@ import click
 from qtool.console import FilePath
 
 SCHEME_CHOICES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
+# qtool.core.schemes.MAX_GROUP_SIZE, spelled out: importing the core here would load numpy on
+# every start-up (tests/test_cli.py checks that the two agree).
+MAX_GROUP_SIZE = 1 << 24
 
 
 def spec_options(f: Any) -> Any:
@@ -33,7 +36,8 @@ def _spec_options(f: Any, multiple_bits: bool) -> Any:
                           "--group-size values along a row. gnmt is always per row."),
         click.option("--bits", "-b", type=click.IntRange(2, 8), default=(8,) if multiple_bits
                      else 8, show_default=True, multiple=multiple_bits, help=bits_help),
-        click.option("--group-size", type=click.IntRange(1), default=128, show_default=True,
+        click.option("--group-size", type=click.IntRange(1, MAX_GROUP_SIZE), default=128,
+                     show_default=True,
                      help="Values per group with --granularity group."),
         click.option("--range", "range_", type=click.Choice(["minmax", "percentile", "mse"]),
                      default="minmax", show_default=True,
@@ -145,3 +149,35 @@ def _workload(tokens: int, lookup: Sequence[str], int_activations: bool,
     return Workload(tokens=tokens, int_activations=int_activations,
                     lookup=tuple(lookup) if lookup else DEFAULT_LOOKUP,
                     bandwidth_gbs=DEFAULT_BANDWIDTH_GBS if bandwidth is None else bandwidth)
+
+
+def ineffective_option_warnings(ctx: click.Context, granularity: str, range_: str,
+                                rules: tuple) -> list[str]:
+    """Warnings for spec options given on the command line that change nothing: a
+    --group-size without --granularity group, a --percentile without --range percentile
+    (unless a recipe rule turns that granularity or range on for some tensors)."""
+    from click.core import ParameterSource
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                  ParameterSource.ENVIRONMENT)
+
+    def in_rules(key: str, value: str) -> bool:
+        return any(dict(r.settings).get(key) == value for r in rules)
+
+    out = []
+    if given("group_size") and granularity != "group" and not in_rules("granularity", "group"):
+        out.append(f"--group-size has no effect without --granularity group (granularity is "
+                   f"{granularity})")
+    if given("percentile") and range_ != "percentile" and not in_rules("range", "percentile"):
+        out.append(f"--percentile has no effect without --range percentile (range is {range_})")
+    return out
+
+
+def output_format_options(f: Any) -> Any:
+    """--format table|json (one spelling across commands, as on `report`) and --json, the
+    older alias of --format json."""
+    f = click.option("--json", "as_json", is_flag=True, help="Same as --format json.")(f)
+    return click.option("--format", "fmt", type=click.Choice(["table", "json"]),
+                        default="table", show_default=True,
+                        help="table (a summary on stderr) or json (on stdout).")(f)

@@ -515,7 +515,10 @@ def test_dequantize_refuses_to_write_into_or_over_its_artifact(tmp_path, ckpt):
     for out in (art, art / "model.safetensors", art / "qtool.json", art / "new.safetensors"):
         assert_one_line_error(run("dequantize", art, out, expect=2),
                               "output would be written inside the artifact")
-    assert_one_line_error(run("dequantize", art, tmp_path, expect=2), "is a directory")
+    # a directory receives <name>.safetensors, like cp: here that is the original, which
+    # is never replaced unasked
+    assert_one_line_error(run("dequantize", art, tmp_path, expect=2),
+                          f"{tmp_path / 'model.safetensors'}: file exists")
     # sharded: the output is a directory, so one that holds the artifact is the input too
     sharded_art = tmp_path / "sharded_art"
     run("quantize", _sharded(tmp_path), sharded_art, "-q")

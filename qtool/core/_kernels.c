@@ -377,13 +377,18 @@ static int get_buffer(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t n
     return 0;
 }
 
-static int check_shape(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t g)
+static int check_shape(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t *g)
 {
     /* rows * cols * 4 (the largest byte count computed from them) must not overflow. */
-    if (rows < 0 || cols < 1 || g < 1 || rows > PY_SSIZE_T_MAX / 4 / cols) {
+    if (rows < 0 || cols < 1 || *g < 1 || cols > PY_SSIZE_T_MAX / 4 ||
+        rows > PY_SSIZE_T_MAX / 4 / cols) {
         PyErr_SetString(PyExc_ValueError, "bad block shape");
         return -1;
     }
+    /* A group longer than the row is the whole row (one unit per row). Clamping keeps every
+       u * g and (u + 1) * g at most cols + g <= 2 cols: no overflow, whatever g. */
+    if (*g > cols)
+        *g = cols;
     return 0;
 }
 
@@ -394,7 +399,7 @@ static PyObject *py_minmax(PyObject *self, PyObject *args)
     Py_ssize_t rows, cols, g;
     if (!PyArg_ParseTuple(args, "OinnnOO", &xo, &src, &rows, &cols, &g, &mno, &mxo))
         return NULL;
-    if (check_shape(rows, cols, g) < 0)
+    if (check_shape(rows, cols, &g) < 0)
         return NULL;
     Py_ssize_t units = (cols + g - 1) / g, itemsize = src == SRC_BF16 ? 2 : 4;
     Py_buffer x, mn, mx;
@@ -428,7 +433,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OinnnOOOnffO", &xo, &src, &rows, &cols, &g, &so, &io, &zo,
                           &row_stride, &qmin, &qmax, &qo))
         return NULL;
-    if (check_shape(rows, cols, g) < 0)
+    if (check_shape(rows, cols, &g) < 0)
         return NULL;
     Py_ssize_t units = (cols + g - 1) / g, itemsize = src == SRC_BF16 ? 2 : 4;
     /* Parameters per unit of every row, or (row_stride 0) one set shared by all rows. */
@@ -478,7 +483,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OpnnnOOnOi", &qo, &is_signed, &rows, &cols, &g, &so, &zo,
                           &row_stride, &oo, &out_code))
         return NULL;
-    if (check_shape(rows, cols, g) < 0)
+    if (check_shape(rows, cols, &g) < 0)
         return NULL;
     Py_ssize_t units = (cols + g - 1) / g;
     /* Parameters per unit of every row, or (row_stride 0) one set shared by all rows. */

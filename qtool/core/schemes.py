@@ -22,6 +22,9 @@ RANGE_METHODS = ("minmax", "percentile", "mse")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 SCALE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
+# The largest --group-size: far beyond any useful group (a group longer than a row is the
+# whole row), small enough that no size computed from it can overflow (C kernel, numpy).
+MAX_GROUP_SIZE = 1 << 24
 # gnmt divides by the row's absmax; an all-zero row uses this instead, so its scale is 1.
 GNMT_ZERO_ROW_ABSMAX = 127.0
 # The smallest scale we ever store: a zero (or subnormal) scale would turn w / s into inf/NaN.
@@ -56,16 +59,17 @@ class QuantSpec:
             raise SpecError(
                 f"unknown range {self.range!r}; choose one of {', '.join(RANGE_METHODS)}"
             )
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
-            raise SpecError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        if type(self.bits) is not int or not 2 <= self.bits <= 8:
+            raise SpecError(f"bits must be an integer from 2 to 8, got {self.bits!r:.40}")
         if self.scheme == "gnmt":
             if self.bits != 8:
                 raise SpecError(f"scheme gnmt is 8-bit only (as in the paper), got {self.bits}")
             if self.granularity != "channel":
                 # gnmt is per row by definition; normalise instead of rejecting the default.
                 object.__setattr__(self, "granularity", "channel")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
-            raise SpecError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if type(self.group_size) is not int or not 1 <= self.group_size <= MAX_GROUP_SIZE:
+            raise SpecError(f"group_size must be an integer from 1 to {MAX_GROUP_SIZE}, "
+                            f"got {self.group_size!r:.40}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SpecError(f"unknown scale_dtype {self.scale_dtype!r}; "
                             f"choose one of {', '.join(SCALE_DTYPES)}")

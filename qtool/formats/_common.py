@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,48 @@ def reject_constant(name: str) -> Any:
 
 
 def _parse_json(text: str) -> Any:
-    """json.loads keeping objects as :class:`_Obj` pair lists. Raises ValueError."""
+    """json.loads keeping objects as :class:`_Obj` pair lists. Raises ValueError, also for
+    a string holding a lone surrogate (see :func:`check_strict_utf8`)."""
     try:
-        return json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=reject_constant)
+        doc = json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=reject_constant)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+    check_strict_utf8(text, doc)
+    return doc
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Text decoded from UTF-8 cannot hold a
+# surrogate itself, so only such an escape can put one into a parsed string.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class NotUnicodeError(ValueError):
+    """A parsed JSON string is not valid Unicode (a lone surrogate)."""
+
+
+def check_strict_utf8(text: str, doc: Any) -> None:
+    """Refuse (NotUnicodeError) a parsed JSON document with a string or key that is not valid
+    Unicode: a lone surrogate escape such as ``"\\ud800"``. json accepts it, but such a name
+    cannot be encoded as UTF-8 (the safetensors library refuses it; writing it would crash).
+    Only documents whose text holds a surrogate escape at all are walked."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return
+    stack = [doc]
+    while stack:  # iterative: the document may be deeply nested
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):  # also _Obj, whose items are (key, value) tuples
+            stack.extend(v)
+        elif isinstance(v, tuple):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise NotUnicodeError(f"string {_short(v)} holds a lone surrogate "
+                                 f"(\\u{ord(v[e.start]):04x}); it is not valid UTF-8") from None
 
 
 def _dup_key(pairs: _Obj) -> str | None:

@@ -18,7 +18,15 @@ from qtool.core.scales import SCALE_CODES
 from qtool.core.schemes import QuantSpec, SpecError
 from qtool.core.shapes import param_shape, stored_shape, zero_point_shape
 from qtool.formats import digest as _digest
-from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, reject_constant
+from qtool.formats._common import (
+    _INTP_LIMIT,
+    DTYPES,
+    FLOAT_CODES,
+    MAX_DIMS,
+    CheckpointError,
+    check_strict_utf8,
+    reject_constant,
+)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -152,8 +160,16 @@ class TensorRecord:
             if not isinstance(shape, list) or not all(
                     type(x) is int and x >= 0 for x in shape):
                 raise ValueError("shape is not a list of non-negative integers")
+<<<<<<< HEAD
             rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape),
                       format_version=version)
+=======
+            if len(shape) > MAX_DIMS or math.prod(d or 1 for d in shape) * DTYPES[dtype].itemsize \
+                    >= _INTP_LIMIT:
+                # What the reader refuses in a safetensors header: no array has that shape.
+                raise ValueError(f"shape {shape!r:.60} is too large to represent")
+            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape))
+>>>>>>> f3b6b82 (harden: strict UTF-8 names, markup off, bounded group sizes (CLI, manifest, kernel), deep recipes, pread instead of mmap, Ctrl-C messages, dequantize into a directory, no-effect warnings, --format json, total-SQNR gate and --exclude)
             sizes = (d["bytes"]["original"], d["bytes"]["stored"])
             if not all(type(v) is int and v >= 0 for v in sizes):
                 raise ValueError("bytes must hold non-negative integers")
@@ -216,6 +232,7 @@ class Manifest:
     def from_json(cls, text: str, where: str) -> Manifest:
         try:
             doc = json.loads(text, parse_constant=reject_constant)
+            check_strict_utf8(text, doc)  # a lone surrogate in a name cannot be written back
         except (ValueError, UnicodeDecodeError) as e:
             msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             raise ArtifactError(f"{where}: not valid JSON ({msg})") from None

@@ -21,7 +21,7 @@ from qtool.core import packing
 from qtool.core.scales import scale_to_float32
 from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats import digest as _digest
-from qtool.formats._common import CheckpointError, reject_constant
+from qtool.formats._common import CheckpointError, check_strict_utf8, reject_constant
 from qtool.formats.manifest import (
     MANIFEST,
     MANIFEST_SIZE_LIMIT,
@@ -133,7 +133,9 @@ class Artifact:
         p = self.path(self.manifest.index)
         raw = read_capped(p, MANIFEST_SIZE_LIMIT, "index", in_dir=self.root, error=ArtifactError)
         try:
-            doc = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
+            text = raw.decode("utf-8")
+            doc = json.loads(text, parse_constant=reject_constant)
+            check_strict_utf8(text, doc)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise ArtifactError(f"{p}: not a valid JSON index ({str(e):.80})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict) or \

@@ -16,7 +16,6 @@ offsets relative to the start of the data area (byte ``8 + N``); the optional
 
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from qtool.formats._common import (
     HEADER_SIZE_LIMIT,
     MAX_DIMS,
     CheckpointError,
+    NotUnicodeError,
     TensorInfo,
     _dup_key,
     _fmt_ints,
@@ -127,6 +127,8 @@ class SafetensorsFile:
             raise self._fail(f"header is not valid UTF-8 (byte {8 + exc.start})") from None
         try:
             doc = _parse_json(text)
+        except NotUnicodeError as exc:
+            raise self._fail(f"header is not valid UTF-8: {exc}") from None
         except ValueError as exc:
             raise self._fail(f"header is not valid JSON: {_short(str(exc), 100)}") from None
         if not isinstance(doc, _Obj):
@@ -351,12 +353,15 @@ class SafetensorsFile:
         return region.view(DTYPES[t.dtype]).reshape(t.shape)
 
     def view(self, info: TensorInfo | str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Elements [start, stop) of the tensor, flat, as a read-only array over a memory map of
-        just those bytes: no copy, and the pages leave the resident set when the array (and
-        every view of it) is dropped. Use it for data read once, in runs, to bound memory.
+        """Elements [start, stop) of the tensor, flat, as a fresh array read with ``pread``
+        into a page-congruent buffer. Use it for data read once, in runs, to bound memory:
+        the buffer goes when the array (and every view of it) is dropped.
 
-        A file truncated by someone else while a view is in use makes the process fail with
-        SIGBUS; the size is checked when the view is made, which catches the usual cases.
+        This used to be a memory map (no copy), but a file truncated by another process while
+        mapped kills the reader with SIGBUS, which no handler in Python can turn into an
+        error message. A read past the new end of the file is an ordinary short read instead,
+        reported as a one-line CheckpointError ("truncated while open?"); the copy from the
+        page cache costs a few percent of a quantize run.
         """
         t = self._resolve(info)
         dt = DTYPES[t.dtype]
@@ -370,24 +375,14 @@ class SafetensorsFile:
         if nbytes == 0:
             return np.empty(0, dtype=dt)
         offset = t.offset + start * dt.itemsize
-        size = os.fstat(self._fd).st_size
-        if offset + nbytes > size:
-            raise CheckpointError(
-                f"{self.path}: tensor {t.name!r}: file is now {size} bytes, the tensor ends at "
-                f"byte {offset + nbytes} (truncated while open?)"
-            )
-        base = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            mm = mmap.mmap(self._fd, offset + nbytes - base, offset=base, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            raise CheckpointError(
-                f"{self.path}: tensor {t.name!r}: cannot map: {exc.strerror or exc}"
-            ) from None
-        if hasattr(mm, "madvise"):
-            # Read-ahead of the whole run now, in the background, while its start is computed.
-            mm.madvise(mmap.MADV_WILLNEED)
-        # The array keeps the map alive; it is unmapped when the last view of it goes.
-        return np.frombuffer(mm, dtype=dt, count=stop - start, offset=offset - base)
+        if nbytes >= _ALIGN_MIN_BYTES and offset % dt.itemsize == 0:
+            buf = aligned_buffer(nbytes, offset)
+        else:
+            buf = np.empty(nbytes, dtype=np.uint8)
+        _pread_exact(self._fd, memoryview(buf), offset, self.path, f"tensor {t.name!r}")
+        out = buf.view(dt)
+        out.flags.writeable = False  # as the map was: runs are input, only ever read
+        return out
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1

@@ -11,6 +11,7 @@ from qtool.formats._common import (
     _INDEX_SUFFIX,
     INDEX_SIZE_LIMIT,
     CheckpointError,
+    NotUnicodeError,
     TensorInfo,
     _dup_key,
     _json_kind,
@@ -138,6 +139,8 @@ def _open_index(p: Path) -> Checkpoint:
         doc = _parse_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise CheckpointError(f"{label}: index is not valid UTF-8") from None
+    except NotUnicodeError as exc:
+        raise CheckpointError(f"{label}: index is not valid UTF-8: {exc}") from None
     except ValueError as exc:
         raise CheckpointError(
             f"{label}: index is not valid JSON: {_short(str(exc), 100)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,19 +44,31 @@ def dequantize_artifact(
     src = open_source(art_dir)
     if verify:
         src.verify_files()
-    out = Path(out)
+    out = restore_target(out, src.manifest.shards[0] if src.manifest.index is None else None)
     if dtype != "original" and dtype not in OUT_DTYPES:
         raise SpecError(f"unknown --dtype {dtype!r}; choose original, {', '.join(OUT_DTYPES)}")
     if out.resolve() == src.root.resolve() or src.root.resolve() in out.resolve().parents:
         raise OutputError(f"{out}: output would be written inside the artifact {src.root}")
     if src.manifest.index is not None:
         _check_output_dir(out, [src.root], force=False)
-    elif out.is_dir():
+    elif out.is_dir():  # dir/<name> that is itself a directory
         raise OutputError(f"{out}: is a directory; give the restored .safetensors file's path")
     elif out.exists() and not force:
         # It could be the user's original checkpoint: never replace a file unasked.
         raise OutputError(f"{out}: file exists (use --force to replace it)")
     return _dequantize_run(src, out, dtype, jobs, force)
+
+
+def restore_target(out: str | Path, file_name: str | None) -> Path:
+    """Where a restored single file goes, as ``cp`` would put it: into an existing
+    directory, or into a directory given with a trailing slash, under the artifact's file
+    name ``file_name``; else at ``out`` itself. A sharded artifact (``file_name`` None) is
+    always restored into the directory ``out``."""
+    text = os.fspath(out)
+    path = Path(text)
+    if file_name is not None and (text.endswith(("/", os.sep)) or path.is_dir()):
+        return path / file_name
+    return path
 
 
 def open_source(path: str | Path, kind: str = "qtool") -> Source:

@@ -140,6 +140,17 @@ def make_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:
                 break
         items.append((info, spec, reason))
     plan = Plan(ckpt, items)
+    if items and all(spec is None for _, spec, _ in items):
+        # Nothing to do is legal (the artifact is a copy) but rarely what was meant.
+        where = ckpt.index_path or ckpt.shards[0]
+        if all(info.dtype not in FLOAT_CODES for info, _, _ in items):
+            plan.warnings.append(
+                f"{where}: every tensor has an integer dtype (already quantized?); no tensor "
+                "is quantized, the output holds them unchanged")
+        else:
+            plan.warnings.append(
+                f"{where}: no tensor is quantized (each is kept in float: 1-D, scalar, empty, "
+                "not float, or left out by --skip/--only/a recipe)")
     for i, rule in enumerate(opts.rules):
         if i not in used:
             msg = f"{rule.label} matches no tensor"

@@ -151,6 +151,9 @@ def load_recipe(path: str | Path) -> tuple[Rule, ...]:
         raise RecipeError(f"{path}: recipe is not UTF-8 text ({e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        # tomllib recurses per level of nested arrays and inline tables.
+        raise RecipeError(f"{path}: not valid TOML (nested too deeply)") from None
     for key in doc:
         if key != "rule":
             raise _unknown_key(str(path), key, ("rule",))

@@ -21,6 +21,10 @@ class OutputError(CheckpointError):
     """The output path cannot be used (exists, is the input, ...)."""
 
 
+# Targets this process has published (renamed into place), so that a Ctrl-C that lands
+# afterwards says the output exists rather than "no output was written".
+PUBLISHED: list[Path] = []
+
 
 # --------------------------------------------------------------------------- output staging
 
@@ -148,10 +152,12 @@ class _Staging:
 
     def commit_dir(self) -> None:
         self._publish(self.tmp, is_dir=True)
+        PUBLISHED.append(self.target)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def commit_file(self, name: str) -> None:
         self._publish(self.tmp / name, is_dir=False)
+        PUBLISHED.append(self.target)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _publish(self, src: Path, is_dir: bool) -> None:

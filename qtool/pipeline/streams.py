@@ -1,4 +1,4 @@
-"""Streaming helpers shared by the runs: tensors are read in runs of rows from memory maps and
+"""Streaming helpers shared by the runs: tensors are read in runs of rows with pread and
 written through a background writer thread, so memory stays near a few runs whatever the
 size of the tensors (docs/PERFORMANCE.md); worker threads and BLAS thread control."""
 
@@ -28,8 +28,9 @@ from qtool.pipeline.plan import Plan, scale_overflow
 
 # --------------------------------------------------------------------------- streaming
 #
-# Tensors are read in runs of rows from memory maps (SafetensorsFile.view: no copy, and the
-# pages leave the resident set once a run is done) and written in runs through a background
+# Tensors are read in runs of rows (SafetensorsFile.view: a pread into a fresh buffer that is
+# freed once the run is done; not a memory map, which dies of SIGBUS when another process
+# truncates the file) and written in runs through a background
 # thread that writes and hashes while the next run is computed. Memory therefore stays near
 # a few runs whatever the size of the tensors or the checkpoint (docs/PERFORMANCE.md).
 

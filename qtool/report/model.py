@@ -32,7 +32,12 @@ from qtool.report.energy import (
     Workload,
     estimate,
 )
+<<<<<<< HEAD
 from qtool.report.fmt import _fmt_sqnr, _gran
+=======
+from qtool.report.fmt import _gran, _json_float
+from qtool.report.gates import Offender, check_gates
+>>>>>>> f3b6b82 (harden: strict UTF-8 names, markup off, bounded group sizes (CLI, manifest, kernel), deep recipes, pread instead of mmap, Ctrl-C messages, dequantize into a directory, no-effect warnings, --format json, total-SQNR gate and --exclude)
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown", "html")
@@ -153,25 +158,6 @@ class Totals:
         return 100.0 * self.saved / self.bytes_before if self.bytes_before else None
 
 
-@dataclass(frozen=True)
-class Offender:
-    """A quantized tensor that misses a CI threshold."""
-
-    name: str
-    label: str | None  # the dry-run scheme; None for an artifact
-    metric: str  # "sqnr_db" or "max_abs_error"
-    value: float
-    limit: float
-
-    def message(self) -> str:
-        where = f"tensor {self.name!r}" + (f" ({self.label})" if self.label else "")
-        if self.metric == "sqnr_db":
-            return (f"{where}: SQNR {_fmt_sqnr(self.value)} dB is below "
-                    f"--fail-under-sqnr {self.limit:g}")
-        return (f"{where}: max abs error {self.value:.6g} is above --max-error "
-                f"{self.limit:g}")
-
-
 @dataclass
 class Report:
     """Everything `qtool report` shows; built once, then rendered in any format."""
@@ -186,6 +172,10 @@ class Report:
     energy_model: EnergyModel = field(default_factory=EnergyModel)
     fail_under_sqnr: float | None = None
     max_error: float | None = None
+    # The SQNR of all gated tensors together (their error statistics merged), and globs of
+    # tensor names left out of every threshold (still shown).
+    fail_under_total_sqnr: float | None = None
+    exclude: tuple[str, ...] = ()
     disk: tuple[int, int] | None = None  # an artifact's file bytes: source, artifact
     workload: Workload = field(default_factory=Workload)
     totals: list[Totals] = field(init=False)
@@ -239,18 +229,8 @@ class Report:
         )
 
     def _check(self) -> list[Offender]:
-        out: list[Offender] = []
-        for r in self.rows:
-            for label, rec in zip(self._offender_labels(), r.results, strict=True):
-                if rec.stats is None:
-                    continue
-                sqnr = rec.stats.sqnr_db
-                if self.fail_under_sqnr is not None and sqnr < self.fail_under_sqnr:
-                    out.append(Offender(r.name, label, "sqnr_db", sqnr, self.fail_under_sqnr))
-                err = rec.stats.max_abs_error
-                if self.max_error is not None and err > self.max_error:
-                    out.append(Offender(r.name, label, "max_abs_error", err, self.max_error))
-        return out
+        return check_gates(self.rows, self._offender_labels(), self.fail_under_sqnr,
+                           self.max_error, self.fail_under_total_sqnr, self.exclude)
 
     def _offender_labels(self) -> list[str | None]:
         return [None] * len(self.labels) if self.kind == "artifact" else list(self.labels)
@@ -324,7 +304,9 @@ def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
                     energy_model: EnergyModel | None = None,
                     fail_under_sqnr: float | None = None,
                     max_error: float | None = None,
-                    workload: Workload | None = None) -> Report:
+                    workload: Workload | None = None,
+                    fail_under_total_sqnr: float | None = None,
+                    exclude: tuple[str, ...] = ()) -> Report:
     """The report of an artifact from its records (the manifest's, or re-measured ones)."""
     _check_records(records, str(Path(path) / "qtool.json"))
     records = [_with_real_bytes(r) for r in records]
@@ -332,7 +314,8 @@ def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
     return Report("artifact", str(path), ["artifact"], [None], rows, metrics_from,
                   original=None if original is None else str(original),
                   energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
-                  max_error=max_error, disk=disk, workload=workload or Workload())
+                  max_error=max_error, disk=disk, workload=workload or Workload(),
+                  fail_under_total_sqnr=fail_under_total_sqnr, exclude=tuple(exclude))
 
 
 def dry_run_report(path: str | Path, specs: Sequence[QuantSpec],
@@ -340,13 +323,16 @@ def dry_run_report(path: str | Path, specs: Sequence[QuantSpec],
                    energy_model: EnergyModel | None = None,
                    fail_under_sqnr: float | None = None,
                    max_error: float | None = None,
-                   workload: Workload | None = None) -> Report:
+                   workload: Workload | None = None,
+                   fail_under_total_sqnr: float | None = None,
+                   exclude: tuple[str, ...] = ()) -> Report:
     """The report of a dry run: ``results[t][g]`` is tensor t under ``specs[g]``."""
     labels = spec_labels(specs)
     rows = [Row(rs[0].name, rs[0].dtype, tuple(rs[0].shape), list(rs)) for rs in results]
     return Report("dry-run", str(path), labels, list(specs), rows, "dry-run",
                   energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
-                  max_error=max_error, workload=workload or Workload())
+                  max_error=max_error, workload=workload or Workload(),
+                  fail_under_total_sqnr=fail_under_total_sqnr, exclude=tuple(exclude))
 
 
 def spec_labels(specs: Sequence[QuantSpec]) -> list[str]:

@@ -93,7 +93,7 @@ percentile = 99
     ('match = "x"\nscheme = "int4"', ["scheme = 'int4' is not one of", "gnmt"]),
     ('match = "x"\nrange = "max"', ["range = 'max' is not one of", "mse"]),
     ('match = "x"\ngranularity = "row"', ["granularity = 'row'"]),
-    ('match = "x"\ngroup_size = 0', ["group_size", "positive"]),
+    ('match = "x"\ngroup_size = 0', ["group_size", "from 1 to 16777216"]),
     ('match = "x"\npercentile = 30', ["percentile", "(50, 100]"]),
     ('match = "x"\npercentile = "99"', ["percentile must be an integer or a number"]),
     ('match = "x"\nskip = true\nbits = 4', ["skip = true cannot be combined with bits"]),
