@@ -122,7 +122,7 @@ def test_lone_surrogate_in_a_sharded_index_is_refused(tmp_path):
 
 def test_markup_in_output_paths_is_printed_as_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # short paths: the summary's title is not wrapped
-    src = write_checkpoint(tmp_path / "m.safetensors")
+    write_checkpoint(tmp_path / "m.safetensors")
     out = tmp_path / "o[bold red]k"
     r = run("quantize", "m.safetensors", "o[bold red]k")
     assert "qtool quantize → o[bold red]k" in r.stderr

@@ -16,9 +16,12 @@ def against_report(path: str | Path, records: Sequence[TensorRecord], original: 
                    *, energy_model: EnergyModel | None = None,
                    fail_under_sqnr: float | None = None,
                    max_error: float | None = None,
-                   workload: Workload | None = None) -> Report:
+                   workload: Workload | None = None,
+                   fail_under_total_sqnr: float | None = None,
+                   exclude: tuple[str, ...] = ()) -> Report:
     rows = [Row(r.name, r.dtype, tuple(r.shape), [r]) for r in records]
     return Report("artifact", str(path), ["artifact"], [None], rows, "original",
                   original=str(original), energy_model=energy_model or EnergyModel(),
                   fail_under_sqnr=fail_under_sqnr, max_error=max_error,
-                  workload=workload or Workload())
+                  workload=workload or Workload(),
+                  fail_under_total_sqnr=fail_under_total_sqnr, exclude=tuple(exclude))
