@@ -291,8 +291,8 @@ class Stop:
         if name == "click":
             raise KeyboardInterrupt
 sys.meta_path.insert(0, Stop())
-sys.argv = ["qtool", "--version"]
-from qtool.__main__ import main
+sys.argv = ["qtool", "verify", "nothing"]
+from qtool.entry import main
 main()
 """
 
