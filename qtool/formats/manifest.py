@@ -160,16 +160,12 @@ class TensorRecord:
             if not isinstance(shape, list) or not all(
                     type(x) is int and x >= 0 for x in shape):
                 raise ValueError("shape is not a list of non-negative integers")
-<<<<<<< HEAD
-            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape),
-                      format_version=version)
-=======
             if len(shape) > MAX_DIMS or math.prod(d or 1 for d in shape) * DTYPES[dtype].itemsize \
                     >= _INTP_LIMIT:
                 # What the reader refuses in a safetensors header: no array has that shape.
                 raise ValueError(f"shape {shape!r:.60} is too large to represent")
-            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape))
->>>>>>> f3b6b82 (harden: strict UTF-8 names, markup off, bounded group sizes (CLI, manifest, kernel), deep recipes, pread instead of mmap, Ctrl-C messages, dequantize into a directory, no-effect warnings, --format json, total-SQNR gate and --exclude)
+            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape),
+                      format_version=version)
             sizes = (d["bytes"]["original"], d["bytes"]["stored"])
             if not all(type(v) is int and v >= 0 for v in sizes):
                 raise ValueError("bytes must hold non-negative integers")

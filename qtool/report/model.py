@@ -32,12 +32,8 @@ from qtool.report.energy import (
     Workload,
     estimate,
 )
-<<<<<<< HEAD
-from qtool.report.fmt import _fmt_sqnr, _gran
-=======
-from qtool.report.fmt import _gran, _json_float
+from qtool.report.fmt import _gran
 from qtool.report.gates import Offender, check_gates
->>>>>>> f3b6b82 (harden: strict UTF-8 names, markup off, bounded group sizes (CLI, manifest, kernel), deep recipes, pread instead of mmap, Ctrl-C messages, dequantize into a directory, no-effect warnings, --format json, total-SQNR gate and --exclude)
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown", "html")
