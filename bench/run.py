@@ -603,6 +603,18 @@ def main() -> None:
           "(it tries 100 clipping ranges per row)")
     print()
 
+    # ---- weight-space accuracy: --range search, mixed precision (bench/accuracy.py)
+    import accuracy
+
+    def run_qtool(argv: list[str]) -> float:
+        return timed([*QTOOL, *argv])[0]
+
+    heavy = accuracy.heavy_checkpoint(DATA / "heavy" / "model.safetensors",
+                                      llama_shapes(512, 1408, 1, 1024))
+    accuracy.weight_space(heavy, work, run_qtool, target)
+    accuracy.mixed_cost(paths["fp32"], work, run_qtool, target)
+    print()
+
     # ---- startup
     t_ver = min(timed([*QTOOL, "--version"])[0] for _ in range(10))
     print(f"qtool --version: {t_ver * 1000:.0f} ms (best of 10)")

@@ -38,6 +38,7 @@ from qtool.options import (
     report_spec_options,
     selection_options,
     spec_options,
+    target_options,
 )
 
 
@@ -66,6 +67,10 @@ def cli() -> None:
               show_default=True, help="Quantization scheme (see README for the formulas).")
 @spec_options
 @selection_options("")
+@target_options(dry_run=False)
+@click.option("--write-recipe", type=FilePath(), default=None, metavar="FILE.toml",
+              help="Also write the settings used for every tensor as a recipe; quantize "
+                   "--recipe FILE.toml (with the same --skip/--only) writes the same artifact.")
 @click.option("--jobs", "-j", type=click.IntRange(0), default=0,
               help="Worker threads (default 0: one per core). Output is identical for any N.")
 @click.option("--source-digest", is_flag=True,
@@ -77,12 +82,13 @@ def cli() -> None:
 def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
              group_size: int, range_: str, percentile: float, scale_dtype: str,
              skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
-             allow_unused_rules: bool, nan_policy: str, jobs: int, source_digest: bool,
-             force: bool, fmt: str, as_json: bool, quiet: bool) -> int:
+             allow_unused_rules: bool, nan_policy: str, target_bits: float | None,
+             target_sqnr: float | None, write_recipe: Path | None, jobs: int,
+             source_digest: bool, force: bool, fmt: str, as_json: bool, quiet: bool) -> int:
     """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
     holding either) into the artifact directory OUT_DIR."""
+    from qtool.cli_mixed import finish_quantize, start_quantize
     from qtool.pipeline.plan import QuantizeOptions
-    from qtool.pipeline.run import quantize_checkpoint
 
     explicit = click.get_current_context().get_parameter_source("granularity")
     if scheme == "gnmt" and granularity != "channel" and explicit is ParameterSource.COMMANDLINE:
@@ -96,7 +102,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
                            source_digest=source_digest, nan_policy=nan_policy, force=force,
                            scale_dtype=scale_dtype)
     t0 = time.perf_counter()
-    results = quantize_checkpoint(src, out_dir, opts)
+    results = start_quantize(src, out_dir, opts, target_bits, target_sqnr, write_recipe, quiet)
     plan = results.plan
     console = _err_console(quiet)
     ctx = click.get_current_context()
@@ -107,6 +113,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     records = [r.record for r in _progress(results, len(plan.items), plan.total_bytes,
                                            "quantize", _show_progress(quiet))]
     seconds = time.perf_counter() - t0
+    finish_quantize(results, src, write_recipe, None)
     for r in records:
         if r.passthrough is not None and r.passthrough.startswith("NaN/inf"):
             console.print(f"qtool: warning: tensor {r.name!r} has NaN/inf values; kept in "
@@ -117,6 +124,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     from qtool.report.tables import render_summary
 
     summary = quantize_summary(records, Path(out_dir), seconds)
+    finish_quantize(results, src, None, summary)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     console.print(render_summary(summary))
@@ -208,7 +216,8 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
                   "percentile": "--percentile", "scale_dtype": "--scale-dtype",
                   "skip": "--skip", "only": "--only",
                   "recipe": "--recipe", "allow_unused_rules": "--allow-unused-rules",
-                  "nan_policy": "--nan-policy"}
+                  "nan_policy": "--nan-policy", "target_bits": "--target-bits",
+                  "target_sqnr": "--target-sqnr"}
 
 
 @cli.command()
@@ -218,6 +227,7 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
                    "(repeatable; default symmetric).")
 @report_spec_options
 @selection_options("Dry run: ")
+@target_options(dry_run=True)
 @click.option("--original", type=FilePath(), default=None,
               help="Artifact: measure the error again against this original checkpoint "
                    "(its size and digests must match the manifest's).")
@@ -260,7 +270,8 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
            bits: tuple[int, ...], group_size: int, range_: str, percentile: float,
            scale_dtype: str, skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
-           allow_unused_rules: bool, nan_policy: str, original: Path | None,
+           allow_unused_rules: bool, nan_policy: str, target_bits: float | None,
+           target_sqnr: float | None, original: Path | None,
            against: Path | None, fmt: str, chart: str | None, show_all: bool,
            sort: str | None, top: int | None, fail_under_sqnr: float | None,
            fail_under_total_sqnr: float | None, max_error: float | None,
@@ -340,6 +351,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             flag = "--original" if original is not None else "--verify"
             raise click.UsageError(f"{flag} applies to an artifact; {path} is not one "
                                    f"(no {MANIFEST})")
+        from qtool.cli_mixed import dry_run_options
         from qtool.pipeline.measure import dry_run
         from qtool.pipeline.plan import QuantizeOptions
 
@@ -353,6 +365,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
                                    rules=rules,
                                    allow_unused_rules=allow_unused_rules,
                                    nan_policy=nan_policy, jobs=jobs, scale_dtype=scale_dtype)
+            opts = dry_run_options(path, opts, specs, target_bits, target_sqnr, quiet, fmt)
             drun = dry_run(path, specs, opts)
         except CheckpointError as e:
             if path.is_dir():  # most likely a mistyped artifact directory

@@ -96,7 +96,8 @@ def importance(x: np.ndarray) -> np.ndarray:
     rms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64) / max(x.shape[1], 1))
     with np.errstate(divide="ignore"):
         inv = np.where(rms > 0, 1.0 / rms, 0.0)
-    return 1.0 + (np.abs(x) * inv.astype(x.dtype)[:, None]).astype(np.float64)
+    # In float64: 1 / rms overflows float32 for rows of subnormal values.
+    return 1.0 + np.abs(x).astype(np.float64) * inv[:, None]
 
 
 def quantize_rows(
@@ -308,8 +309,12 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
         for sp in spans:
             tile = cached if cached is not None else _Tile(x[:, sp])
             if weighted and inv_rms is not None and tile.wt is None:
-                tile.wt = np.multiply(np.abs(tile.x), tile.bc(inv_rms))
-                np.add(tile.wt, 1.0, out=tile.wt)
+                # |x| / rms <= sqrt(n), but 1 / rms alone overflows float32 for rows of
+                # subnormal values: the product is formed in float64, then narrowed.
+                inv = inv_rms if tile.t else inv_rms[:, None]
+                wt = np.abs(tile.x).astype(np.float64) * inv
+                wt += 1.0
+                tile.wt = wt.astype(tile.x.dtype)
             yield tile
 
     # Phase 1: the min-max range, and sum(x**2) for the weights.

@@ -4,7 +4,7 @@ The caller reshapes a tensor so that each ROW of a 2-D array is one range unit (
 tensor as one row, one output channel, or one group). ``find_range`` returns per-row ``lo`` and
 ``hi`` (float64) that are then turned into scales and zero points by ``schemes.qparams``.
 
-Three methods:
+Four methods:
 
 * ``minmax``: the plain extremes of each row. Nothing is clipped.
 * ``percentile``: clip the tails at the ``spec.percentile``-th percentile of each row.
@@ -12,6 +12,10 @@ Three methods:
   quantize -> dequantize round trip (done with the exact ``schemes`` functions) has the least
   squared error. Ratio 1.0 (= minmax) is tried first and wins ties, so the result is never
   worse than minmax on any row.
+* ``search``: each row's scale and zero point fitted by least squares over a few candidate
+  grids (``qtool.core.fit``), returned as the range that ``qparams`` maps back to exactly the
+  fitted parameters. Never a larger squared error than minmax on any row; the range may be
+  a little wider than minmax (the fitted scale can grow when the extremes are clipped less).
 
 This module is part of the numeric core: numpy in, numpy out, no files, no terminal.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qtool.core.fit import fit_range, fit_search
 from qtool.core.schemes import QParams, QuantSpec, dequantize_values, qparams, quantize_values
 
 # Clip ratios for the mse search, largest first: 1.00, 0.99, ..., 0.20 (81 points), then 19
@@ -58,7 +63,8 @@ def find_range(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
 
     Returns ``(lo, hi)``, each float64 of shape (units,), ready for ``schemes.qparams``:
     symmetric / gnmt give ``lo = -a, hi = a``; symmetric-unsigned gives ``lo = 0, hi >= 0``;
-    asymmetric gives ``lo <= 0 <= hi``. The range is never wider than the row's minmax range.
+    asymmetric gives ``lo <= 0 <= hi``. The range is never wider than the row's minmax range,
+    except with ``search`` (see the module docstring).
     Raises ``ValueError`` if a row contains NaN or inf (no finite range exists then).
     """
     w = np.asarray(w)
@@ -88,6 +94,8 @@ def find_range(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         return lo, hi
     if spec.range == "percentile":
         return _percentile_ranges(w, lo, hi, spec)
+    if spec.range == "search":
+        return fit_range(fit_search(w, spec.bits, spec.scheme), spec.bits, spec.scheme)
     return _mse_ranges(w, lo, hi, spec)
 
 

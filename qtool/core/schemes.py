@@ -16,7 +16,7 @@ from qtool.core.scales import round_scale
 
 SCHEMES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
 GRANULARITIES = ("tensor", "channel", "group")
-RANGE_METHODS = ("minmax", "percentile", "mse")
+RANGE_METHODS = ("minmax", "percentile", "mse", "search")
 # Dtypes a scale may be stored in (format_version 2). "auto" is resolved per tensor by the
 # planner (the source dtype for F16/BF16, float32 otherwise) before a QuantSpec is built.
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
@@ -62,6 +62,11 @@ class QuantSpec:
         if type(self.bits) is not int or not 2 <= self.bits <= 8:
             raise SpecError(f"bits must be an integer from 2 to 8, got {self.bits!r:.40}")
         if self.scheme == "gnmt":
+            if self.range == "search":
+                # gnmt's scale is its paper's absmax / 127 (stored as 127 / absmax too): a
+                # fitted scale is not a gnmt tensor.
+                raise SpecError("range search fits symmetric, symmetric-unsigned or "
+                                "asymmetric scales; scheme gnmt's scale is fixed (absmax / 127)")
             if self.bits != 8:
                 raise SpecError(f"scheme gnmt is 8-bit only (as in the paper), got {self.bits}")
             if self.granularity != "channel":

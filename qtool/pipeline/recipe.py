@@ -20,6 +20,8 @@ naming the file, the rule number (1-based, in file order) and the key. See docs/
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -165,4 +167,43 @@ def load_recipe(path: str | Path) -> tuple[Rule, ...]:
     return tuple(parse_rule(r, f"{path} rule {i}") for i, r in enumerate(raw_rules, 1))
 
 
-__all__ = ["RULE_KEYS", "SETTING_KEYS", "RecipeError", "load_recipe", "parse_rule"]
+def _toml_str(s: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's (non-ASCII kept as UTF-8, so no
+    surrogate pairs), plus DEL, which TOML wants escaped and JSON does not."""
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def dump_recipe(rules: tuple[Rule, ...] | list[Rule], header: str = "") -> str:
+    """Rules as recipe TOML that :func:`load_recipe` reads back to the same rules (match,
+    skip, settings in order). ``header`` lines become comments at the top."""
+    lines = [f"# {h}".rstrip() for h in header.splitlines()]
+    for r in rules:
+        lines += ["", "[[rule]]", f"match = {_toml_str(r.match)}"]
+        if r.skip:
+            lines.append("skip = true")
+        for key, value in r.settings:
+            if isinstance(value, str):
+                lines.append(f"{key} = {_toml_str(value)}")
+            elif isinstance(value, float):
+                lines.append(f"{key} = {value!r}")  # repr round-trips a float exactly
+            else:
+                lines.append(f"{key} = {int(value)}")  # type: ignore[call-overload]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def write_recipe(path: str | Path, rules: tuple[Rule, ...] | list[Rule], header: str = "") -> None:
+    """Write :func:`dump_recipe` to ``path`` atomically (a temporary file beside it, renamed
+    into place), so a failure leaves no partial recipe."""
+    path = Path(path)
+    text = dump_recipe(rules, header)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["RULE_KEYS", "SETTING_KEYS", "RecipeError", "dump_recipe", "load_recipe",
+           "parse_rule", "write_recipe"]

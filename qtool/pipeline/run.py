@@ -27,6 +27,8 @@ from qtool.formats.manifest import TensorRecord
 from qtool.formats.registry import SINKS, OutTensor, PlannedTensor, Sink
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
+from qtool.pipeline.mixed import MixedPlan, Target, plan_mixed
+from qtool.pipeline.mixed import apply as apply_mixed
 from qtool.pipeline.plan import Plan, QuantizeOptions, TensorResult, make_plan
 from qtool.pipeline.staging import _check_output_dir, _Staging
 from qtool.pipeline.streams import (
@@ -45,19 +47,28 @@ ALGORITHM = _digest.DEFAULT  # of the source's digests: the one the manifest nam
 # --------------------------------------------------------------------------- quantize
 
 
-def quantize_checkpoint(src: str | Path, out_dir: str | Path, opts: QuantizeOptions) -> QuantizeRun:
+def quantize_checkpoint(src: str | Path, out_dir: str | Path, opts: QuantizeOptions,
+                        target: Target | None = None) -> QuantizeRun:
     """Quantize ``src`` (file, index or directory) into the artifact directory ``out_dir``.
 
-    Bad input and a bad output path raise here, before anything is written. Iterating the
-    returned run does the work, yielding one TensorResult per tensor; ``run.plan`` says
-    beforehand what will happen to each tensor.
+    Bad input and a bad output path raise here, before anything is written. With ``target``
+    (``--target-bits`` / ``--target-sqnr``) the candidates are measured here too, and the run
+    quantizes with the chosen settings (``run.mixed``; ``run.opts.rules`` are its rules).
+    Iterating the returned run does the work, yielding one TensorResult per tensor;
+    ``run.plan`` says beforehand what will happen to each tensor.
     """
     ckpt = open_checkpoint(src)
     plan = make_plan(ckpt, opts)
-    return QuantizeRun(ckpt, plan, Path(out_dir), opts)
+    run = QuantizeRun(ckpt, plan, Path(out_dir), opts)  # checks the output path first
+    if target is not None:
+        run.mixed = plan_mixed(ckpt, plan, opts, target)
+        run.opts, run.plan = apply_mixed(ckpt, opts, run.mixed)
+    return run
 
 
 class QuantizeRun:
+    mixed: MixedPlan | None = None
+
     def __iter__(self) -> Iterator[TensorResult]:
         return self.run()
 
