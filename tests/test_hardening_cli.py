@@ -586,3 +586,31 @@ def test_raw_file_helper_is_what_the_reader_reads(tmp_path):
     with SafetensorsFile(src) as f:
         np.testing.assert_array_equal(f.read("plain").ravel(), np.arange(8, dtype=np.float32))
     assert struct.unpack("<Q", src.read_bytes()[:8])[0] % 8 == 0
+
+
+# --------------------------------------------------------------------------- many tensors
+
+
+def _empty_tensors_file(path: Path, n: int) -> Path:
+    head = ",".join(f'"t.{i}":{{"dtype":"F32","shape":[0,4],"data_offsets":[0,0]}}'
+                    for i in range(n))
+    path.write_bytes(raw_file("{" + head + "}"))
+    return path
+
+
+@pytest.mark.parametrize("command", ["quantize", "report"])
+def test_more_tensors_than_the_limit_are_refused_before_parsing(tmp_path, monkeypatch,
+                                                                command):
+    from qtool.formats import _common
+
+    assert _common.TENSOR_COUNT_LIMIT == 1_000_000  # the documented limit
+    monkeypatch.setattr(_common, "TENSOR_COUNT_LIMIT", 50)  # the same check, scaled down
+    ok = _empty_tensors_file(tmp_path / "ok.safetensors", 50)
+    bad = _empty_tensors_file(tmp_path / "bad.safetensors", 51)
+    before = snapshot(tmp_path)
+    args = [tmp_path / "o"] if command == "quantize" else []
+    assert_one_line_error(run(command, bad, *args, expect=2), str(bad),
+                          "header declares 51 tensors, more than the limit of 50")
+    _nothing_left(tmp_path, tmp_path / "o")
+    assert snapshot(tmp_path) == before
+    run(command, ok, *args, "-q")

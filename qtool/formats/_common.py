@@ -18,6 +18,11 @@ from qtool.core import bf16
 HEADER_SIZE_LIMIT = 100_000_000
 """Largest accepted JSON header, in bytes (same cap as the reference implementation)."""
 
+TENSOR_COUNT_LIMIT = 1_000_000
+"""Most tensors one safetensors file may declare. Real checkpoints hold at most some
+hundred thousand (per file far fewer); a header of a million empty tensors fits the 100 MB
+header cap but costs gigabytes of per-tensor bookkeeping, so it is refused before parsing."""
+
 INDEX_SIZE_LIMIT = 100_000_000
 """Largest accepted ``*.safetensors.index.json`` file, in bytes."""
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from qtool.formats import _common
 from qtool.formats._common import (
     _ABSURD_BYTES,
     _ALIGN_MIN_BYTES,
@@ -121,6 +122,12 @@ class SafetensorsFile:
         raw[:8] = prefix
         _pread_exact(self._fd, memoryview(raw)[8:], 8, self.path, "header")
         self.header_bytes = bytes(raw)
+        # Every entry needs a "data_offsets" key: counting them bounds the tensors before the
+        # (memory-hungry) JSON parse. An over-count (the string inside a name) only errs safe.
+        declared = self.header_bytes.count(b'"data_offsets"')
+        if declared > _common.TENSOR_COUNT_LIMIT:
+            raise self._fail(f"header declares {declared} tensors, more than the limit of "
+                             f"{_common.TENSOR_COUNT_LIMIT}")
         try:
             text = self.header_bytes[8:].decode("utf-8")
         except UnicodeDecodeError as exc:
