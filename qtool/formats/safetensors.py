@@ -122,8 +122,7 @@ class SafetensorsFile:
         raw[:8] = prefix
         _pread_exact(self._fd, memoryview(raw)[8:], 8, self.path, "header")
         self.header_bytes = bytes(raw)
-        # Every entry needs a "data_offsets" key: counting them bounds the tensors before the
-        # (memory-hungry) JSON parse. An over-count (the string inside a name) only errs safe.
+        # Each entry has a "data_offsets" key: counting them bounds the tensors before parsing.
         declared = self.header_bytes.count(b'"data_offsets"')
         if declared > _common.TENSOR_COUNT_LIMIT:
             raise self._fail(f"header declares {declared} tensors, more than the limit of "
@@ -364,11 +363,8 @@ class SafetensorsFile:
         into a page-congruent buffer. Use it for data read once, in runs, to bound memory:
         the buffer goes when the array (and every view of it) is dropped.
 
-        This used to be a memory map (no copy), but a file truncated by another process while
-        mapped kills the reader with SIGBUS, which no handler in Python can turn into an
-        error message. A read past the new end of the file is an ordinary short read instead,
-        reported as a one-line CheckpointError ("truncated while open?"); the copy from the
-        page cache costs a few percent of a quantize run.
+        Not a memory map: a file truncated by another process while mapped kills the reader
+        with SIGBUS. A short read is a one-line CheckpointError ("truncated while open?").
         """
         t = self._resolve(info)
         dt = DTYPES[t.dtype]
