@@ -217,15 +217,18 @@ class MeasureRun:
                                 f"{orig.path}: tensor {rec.name!r} is missing or differs from "
                                 "the manifest's dtype and shape"
                             )
-                        w = orig.read(rec.name)
-                        if rec.dtype == "BF16":  # bit patterns; float32 holds them exactly
-                            w = bf16.to_float32(w)
-                        cdt = compute_dtype(w.dtype)
+                        info = orig[rec.name]
+                        cdt = compute_dtype(info.np_dtype)
                         t = reader.read(rec)
                         assert t.scale is not None and t.zero_point is not None
-                        w_hat = dequantize(t.file.read(t.info), t.scale, t.zero_point,
-                                           rec.shape, rec.spec, cdt, cdt, pool.map)
-                        stats = _stats_by_blocks(w, w_hat)
+                        # w_hat whole (the stored integers freed before the original is read);
+                        # the original block by block, so that only one float copy is whole.
+                        q = t.file.read(t.info)
+                        w_hat = dequantize(q, t.scale, t.zero_point, rec.shape, rec.spec, cdt,
+                                           cdt, pool.map)
+                        del q
+                        stats = _stats_by_blocks(orig, info, w_hat)
+                        del w_hat
                         if not math.isfinite(stats.signal_sq):
                             raise CheckpointError(
                                 f"{orig.path}: tensor {rec.name!r} has NaN/inf values")
@@ -241,14 +244,38 @@ class MeasureRun:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _stats_by_blocks(w: np.ndarray, w_hat: np.ndarray) -> ErrorStats:
-    """ErrorStats.between in row blocks: its float64 copies stay small for large tensors."""
-    rows, cols = rows_cols(tuple(w.shape))
-    w2, h2 = w.reshape(rows, cols), w_hat.reshape(rows, cols)
-    step = max(1, (1 << 18) // max(cols, 1))
+# Values per block of the error statistics: the float64 copies of a block stay small.
+STATS_BLOCK_ELEMENTS = 1 << 18
+
+
+def _stat_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """Flat element ranges [a, b) of the statistics' blocks, in order: runs of whole rows of
+    at most STATS_BLOCK_ELEMENTS values (at least one row), and a row longer than that in
+    column chunks of STATS_BLOCK_ELEMENTS, so that a one-row tensor is not copied whole."""
+    if cols <= STATS_BLOCK_ELEMENTS:
+        step = max(1, STATS_BLOCK_ELEMENTS // max(cols, 1)) * cols
+        total = rows * cols
+        for a in range(0, total, max(step, 1)):
+            yield a, min(a + step, total)
+        return
+    for r in range(rows):
+        for c in range(0, cols, STATS_BLOCK_ELEMENTS):
+            yield r * cols + c, r * cols + min(c + STATS_BLOCK_ELEMENTS, cols)
+
+
+def _stats_by_blocks(orig: SafetensorsFile, info: TensorInfo, w_hat: np.ndarray) -> ErrorStats:
+    """ErrorStats.between of the original (read block by block) and ``w_hat``, merged in
+    block order: the same blocks whatever the thread count, so the figures are deterministic.
+    Blocks of whole rows for rows up to STATS_BLOCK_ELEMENTS values (the figures of earlier
+    versions); longer rows in column chunks."""
+    rows, cols = rows_cols(tuple(info.shape))
+    flat = w_hat.reshape(-1)
     stats = ErrorStats()
-    for i in range(0, rows, step):
-        stats = stats.merge(ErrorStats.between(w2[i:i + step], h2[i:i + step]))
+    for a, b in _stat_blocks(rows, cols):
+        w = orig.view(info, a, b)
+        if info.dtype == "BF16":  # bit patterns; float32 holds them exactly
+            w = bf16.to_float32(w)
+        stats = stats.merge(ErrorStats.between(w, flat[a:b]))
     return stats
 
 
