@@ -217,6 +217,7 @@ def _quantize_task(
     q_out: np.ndarray,
     scale_out: np.ndarray | None,
     zero_out: np.ndarray | None,
+    kernel: bool = True,
 ) -> list[ErrorStats]:
     """Quantize the rows ``xs`` (r, cols) into ``q_out``, storing their parameters in
     ``scale_out`` / ``zero_out`` ((r, units) views) unless ``tensor_p`` holds the tensor's;
@@ -229,14 +230,16 @@ def _quantize_task(
     """
     with np.errstate():  # restores numpy's buffer size on the way out
         np.setbufsize(_bufsize(spec, xs.shape[1]))
-        return _quantize_rows(xs, blocks, spec, cdt, tensor_p, q_out, scale_out, zero_out)
+        return _quantize_rows(xs, blocks, spec, cdt, tensor_p, q_out, scale_out, zero_out,
+                              kernel)
 
 
 def _quantize_rows(xs: np.ndarray, blocks: list[slice], spec: QuantSpec, cdt: np.dtype,
                    tensor_p: QParams | None, q_out: np.ndarray, scale_out: np.ndarray | None,
-                   zero_out: np.ndarray | None) -> list[ErrorStats]:
-    """The body of :func:`_quantize_task`, run with numpy's buffer size set for the rows."""
-    src = _kernel_source(xs, cdt)
+                   zero_out: np.ndarray | None, kernel: bool = True) -> list[ErrorStats]:
+    """The body of :func:`_quantize_task`, run with numpy's buffer size set for the rows
+    (``kernel`` False: numpy even for float32 rows, e.g. float16 values widened by a caller)."""
+    src = _kernel_source(xs, cdt) if kernel else None
     if src is not None:
         return _quantize_rows_kernel(xs, src, blocks, spec, tensor_p, q_out, scale_out, zero_out)
     r, cols = xs.shape

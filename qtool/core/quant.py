@@ -84,6 +84,10 @@ class TensorQuantizer:
         self.zero_point = np.empty(pshape, np.int32)
         self.stats = ErrorStats()
         self.block_rows = _block_rows(self.cols)
+        # The C kernel reads float32 and bfloat16 tensors. A float16 tensor always takes the
+        # numpy path, even when a caller hands its rows already widened to float32 (one long
+        # row, to save a copy): the kernel's sums would change its figures' last digits.
+        self._kernel = np.dtype(dtype) != np.float16
         self._tensor_p: QParams | None = None
         self._done = 0
 
@@ -172,7 +176,7 @@ class TensorQuantizer:
             return _quantize_task(
                 x[a:b], [slice(sl.start - a, sl.stop - a) for sl in blocks], spec, cdt, tp,
                 out[a:b], None if scale2d is None else scale2d[rows],
-                None if zero2d is None else zero2d[rows])
+                None if zero2d is None else zero2d[rows], self._kernel)
 
         for stats in mapper(task, _tasks(_blocks(n, self.cols), self.cols)):
             for s in stats:

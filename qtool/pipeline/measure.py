@@ -4,7 +4,7 @@ measuring run (an artifact against its original float checkpoint)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -227,7 +227,7 @@ class MeasureRun:
                         w_hat = dequantize(q, t.scale, t.zero_point, rec.shape, rec.spec, cdt,
                                            cdt, pool.map)
                         del q
-                        stats = _stats_by_blocks(orig, info, w_hat)
+                        stats = _stats_of_file(orig, info, w_hat)
                         del w_hat
                         if not math.isfinite(stats.signal_sq):
                             raise CheckpointError(
@@ -263,19 +263,31 @@ def _stat_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
             yield r * cols + c, r * cols + min(c + STATS_BLOCK_ELEMENTS, cols)
 
 
-def _stats_by_blocks(orig: SafetensorsFile, info: TensorInfo, w_hat: np.ndarray) -> ErrorStats:
-    """ErrorStats.between of the original (read block by block) and ``w_hat``, merged in
-    block order: the same blocks whatever the thread count, so the figures are deterministic.
-    Blocks of whole rows for rows up to STATS_BLOCK_ELEMENTS values (the figures of earlier
-    versions); longer rows in column chunks."""
-    rows, cols = rows_cols(tuple(info.shape))
+def _stats_by_blocks(w: np.ndarray, w_hat: np.ndarray) -> ErrorStats:
+    """ErrorStats.between of two float arrays of one shape, block by block (_stat_blocks)."""
+    flat = w.reshape(-1)
+    return _stats_read(lambda a, b: flat[a:b], tuple(w.shape), w_hat)
+
+
+def _stats_of_file(orig: SafetensorsFile, info: TensorInfo, w_hat: np.ndarray) -> ErrorStats:
+    """The same with the original read from its file block by block (bfloat16 widened)."""
+    def read(a: int, b: int) -> np.ndarray:
+        w = orig.view(info, a, b)
+        return bf16.to_float32(w) if info.dtype == "BF16" else w  # float32 holds it exactly
+    return _stats_read(read, tuple(info.shape), w_hat)
+
+
+def _stats_read(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...],
+                w_hat: np.ndarray) -> ErrorStats:
+    """ErrorStats.between of the original (``read(a, b)``: flat values [a, b)) and ``w_hat``,
+    merged in block order: the same blocks whatever the thread count, so the figures are
+    deterministic; those of rows up to STATS_BLOCK_ELEMENTS values are the figures of earlier
+    versions (blocks of whole rows), longer rows go in column chunks."""
+    rows, cols = rows_cols(shape)
     flat = w_hat.reshape(-1)
     stats = ErrorStats()
     for a, b in _stat_blocks(rows, cols):
-        w = orig.view(info, a, b)
-        if info.dtype == "BF16":  # bit patterns; float32 holds them exactly
-            w = bf16.to_float32(w)
-        stats = stats.merge(ErrorStats.between(w, flat[a:b]))
+        stats = stats.merge(ErrorStats.between(read(a, b), flat[a:b]))
     return stats
 
 

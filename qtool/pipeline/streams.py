@@ -163,7 +163,14 @@ def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buf
         nbytes = (b - a) * width * tq.out_dtype.itemsize
         buf = buffers.get(nbytes)
         q = buf[:nbytes].view(tq.out_dtype).reshape(b - a, width)
-        tq.run(rows_of(a, b), a, q, mapper)
+        x = rows_of(a, b)
+        if b - a == 1 and x.dtype == np.float16:
+            # One long row is one block, and the quantizer would widen it into a float32
+            # scratch copy while this float16 copy lives on: widened here instead, the float16
+            # copy is gone before the quantizer's own scratch exists (same values, same path).
+            x = x.astype(np.float32)
+        tq.run(x, a, q, mapper)
+        del x
         yield q, functools.partial(buffers.put, buf)
     if not np.isfinite(tq.scale).all():
         raise CheckpointError(
