@@ -321,6 +321,12 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         # qtool.json itself, or one of an artifact's files: the artifact is the directory.
         raise click.BadParameter(f"{path} is part of a qtool artifact; report the directory "
                                  f"{path.parent}", param_hint="PATH")
+    if against is None and path.is_dir() and not (path / MANIFEST).exists():
+        from qtool.pipeline.foreign import is_ct_folder
+
+        if is_ct_folder(path):  # its integers are not a float checkpoint to dry-run
+            raise click.UsageError(f"{path} is a compressed-tensors model folder; give "
+                                   "--against ORIGINAL to measure it")
     if against is not None:
         from qtool.cli_interop import report_against
 

@@ -267,6 +267,10 @@ def test_report_against_the_original(tmp_path):
     # bytes really stored in the compressed-tensors folder: int32 words, F32 scales, I64 shape
     assert t_ct[name]["results"]["artifact"]["quantized_bytes"] == 96 * 8 * 4 + 96 * 4 * 4 + 16
     assert t_ct[name]["results"]["artifact"]["bits"] == 4
+    # Without --against a compressed-tensors folder is not a float checkpoint to dry-run.
+    r = run("report", tmp_path / "out", expect=2)
+    assert r.stderr.strip() == (f"qtool: error: {tmp_path / 'out'} is a compressed-tensors "
+                                "model folder; give --against ORIGINAL to measure it")
 
 
 @pytest.mark.parametrize("change, message", [
