@@ -118,6 +118,15 @@ def _percentile_ranges(
     p = float(spec.percentile)
     units, n = w.shape
     step = max(1, _PERCENTILE_CHUNK_ELEMS // n)
+    if n > _PERCENTILE_CHUNK_ELEMS and w.dtype == np.float32:
+        # Rows longer than a chunk (a whole tensor as one row): a float32 copy per row,
+        # half the float64 one, with the same figures (_row_percentiles).
+        if spec.scheme == "asymmetric":
+            lh = np.array([_row_percentiles(row.copy(), [100.0 - p, p]) for row in w])
+            return np.clip(lh[:, 0], lo, 0.0), np.clip(lh[:, 1], 0.0, hi)
+        a = np.array([_row_percentiles(np.abs(row), [p])[0] for row in w])
+        return (lo, np.minimum(a, hi)) if spec.scheme == "symmetric-unsigned" else \
+            (-np.minimum(a, hi), np.minimum(a, hi))
     if spec.scheme == "asymmetric":
         lo_p = np.empty(units, np.float64)
         hi_p = np.empty(units, np.float64)
@@ -150,6 +159,31 @@ def _percentile_ranges(
         return lo, np.minimum(a, hi)
     a = np.minimum(a, hi)  # hi is the absmax here
     return -a, a
+
+
+def _row_percentiles(x: np.ndarray, qs: list[float]) -> list[float]:
+    """np.percentile(x.astype(np.float64), qs) of one finite float32 row ``x`` (a copy, which
+    this reorders), to the bit: the order statistics of float32 values widen exactly to
+    float64, and the interpolation is numpy's linear method as numpy computes it in float64
+    (virtual index (n - 1) * q / 100, its floor and the next, then numpy's _lerp)."""
+    n = x.size
+    picks = []
+    for q in qs:
+        virtual = (n - 1) * (q / 100.0)
+        if virtual >= n - 1:
+            prev = nxt = n - 1
+            gamma = virtual + 1.0  # numpy's index -1; both ends equal, so only t >= 0.5 counts
+        else:
+            prev = max(int(np.floor(virtual)), 0)
+            nxt, gamma = prev + 1, virtual - prev
+        picks.append((prev, nxt, gamma))
+    x.partition(sorted({i for prev, nxt, _ in picks for i in (prev, nxt)}))
+    out = []
+    for prev, nxt, t in picks:
+        a, b = float(x[prev]), float(x[nxt])
+        diff = b - a
+        out.append(b - diff * (1.0 - t) if t >= 0.5 else a + diff * t)
+    return out
 
 
 def _mse_ranges(

@@ -357,3 +357,46 @@ def test_does_not_modify_input():
         for scheme, bits in [("symmetric", 4), ("asymmetric", 4), ("symmetric-unsigned", 3)]:
             find_range(w, QuantSpec(scheme, bits, range=method))
     np.testing.assert_array_equal(w, before)
+
+
+# ------------------------------------------------- percentile of rows longer than a chunk
+# A row longer than _PERCENTILE_CHUNK_ELEMS (a one-row tensor) is measured from a float32 copy
+# instead of a float64 one; its figures must be np.percentile's of the float64 values, bit for
+# bit (the expectations below are computed with np.percentile directly).
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 400)),
+               elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+    st.sampled_from([50.0001, 75.5, 99.0, 99.99, 99.999999, 100.0]),
+    st.sampled_from(["symmetric", "asymmetric", "symmetric-unsigned", "gnmt"]),
+)
+def test_long_row_percentiles_are_numpys_float64_ones(w, p, scheme):
+    spec = QuantSpec(scheme, range="percentile", percentile=p)
+    with mock.patch.object(ranges, "_PERCENTILE_CHUNK_ELEMS", 0):  # every row is "long"
+        lo, hi = find_range(w, spec)
+    w64 = w.astype(np.float64)
+    mn, mx = w64.min(axis=1), w64.max(axis=1)
+    if scheme == "asymmetric":
+        want_lo = np.clip(np.percentile(w64, 100.0 - p, axis=1), np.minimum(mn, 0.0), 0.0)
+        want_hi = np.clip(np.percentile(w64, p, axis=1), 0.0, np.maximum(mx, 0.0))
+    else:
+        a = np.percentile(np.abs(w64), p, axis=1)
+        if scheme == "symmetric-unsigned":
+            want_lo, want_hi = np.zeros_like(mx), np.minimum(a, np.maximum(mx, 0.0))
+        else:
+            absmax = np.maximum(mx, -mn)
+            want_lo, want_hi = -np.minimum(a, absmax), np.minimum(a, absmax)
+    assert lo.tobytes() == want_lo.tobytes() and hi.tobytes() == want_hi.tobytes()
+
+
+def test_a_long_row_gives_the_ranges_of_the_chunked_path():
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, (2, 5000)).astype(np.float32)
+    for scheme in ("symmetric", "asymmetric"):
+        spec = QuantSpec(scheme, range="percentile", percentile=99.9)
+        short = find_range(w, spec)  # rows shorter than a chunk: np.percentile on float64
+        with mock.patch.object(ranges, "_PERCENTILE_CHUNK_ELEMS", 1000):
+            long = find_range(w, spec)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(short, long, strict=True))
