@@ -227,7 +227,7 @@ def aligned_buffer(nbytes: int, offset: int = 0) -> np.ndarray:
     return raw[shift : shift + nbytes]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives. ``offset`` is the absolute byte offset of its data in ``path``."""
 
