@@ -10,6 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 from qtool import __version__
@@ -220,9 +221,8 @@ class Manifest:
             "shards": self.shards,
             "index": self.index,
             "files": self.files,
-            "tensors": [t.to_json() for t in self.tensors],
         }
-        return seal(doc)
+        return seal_streamed(doc, (t.to_json() for t in self.tensors))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
@@ -312,6 +312,28 @@ def seal(doc: dict[str, Any]) -> str:
     doc = {k: v for k, v in doc.items() if k != "manifest_digest"}
     doc["manifest_digest"] = canonical_digest(doc, doc.get("digest", _digest.DEFAULT))
     return _serialize(doc)
+
+
+def seal_streamed(head: dict[str, Any], tensors: Iterator[dict[str, Any]]) -> str:
+    """``seal(head | {"tensors": list(tensors)})``, the same text, built one record at a time:
+    each record's dict goes as soon as its two JSON forms are written, so that 100,000 records
+    are never all held as dicts at once (they were the largest per-tensor cost)."""
+    canon, text = [], []
+    for t in tensors:
+        canon.append(json.dumps(t, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+        # indent=1 inside the top-level list: every line of the record two spaces deeper
+        # (JSON strings never hold a raw newline, so only line breaks are replaced).
+        text.append(json.dumps(t, indent=1).replace("\n", "\n  "))
+    mark = json.dumps(os.urandom(16).hex())  # a placeholder no other value can equal
+    doc = {k: v for k, v in head.items() if k != "manifest_digest"} | {"tensors": mark[1:-1]}
+    algorithm = doc.get("digest", _digest.DEFAULT)
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    body = body.replace(mark, "[" + ",".join(canon) + "]", 1)
+    del canon
+    doc["manifest_digest"] = _digest.of_bytes(body.encode("utf-8"), algorithm)
+    del body
+    return _serialize(doc).replace(
+        mark, "[\n  " + ",\n  ".join(text) + "\n ]" if text else "[]", 1)
 
 
 def canonical_digest(doc: dict[str, Any], algorithm: str) -> str:
