@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import zlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -336,7 +339,8 @@ LEAN_SPECS = [
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("shape", [(5, 1), (7, 13), (9, 1030), (3, 2100), (40, 257)])
 def test_kernel_writes_the_bytes_numpy_writes(spec, dtype, shape, monkeypatch):
-    rng = np.random.default_rng(hash((shape, spec.scheme, spec.bits)) % 2**32)
+    # zlib.crc32, not hash(): hash() of a str differs per process, and so would the data.
+    rng = np.random.default_rng(zlib.crc32(repr((shape, spec.scheme, spec.bits)).encode()))
     w = _awkward_tensor(rng, *shape, dtype)
     if spec.scheme == "symmetric-unsigned":
         w = np.abs(w.astype(np.float32)).astype(dtype)
@@ -351,7 +355,10 @@ def test_kernel_writes_the_bytes_numpy_writes(spec, dtype, shape, monkeypatch):
     assert k.stats.max_abs_error == n.stats.max_abs_error
     for key in ("signal_sq", "error_sq"):
         assert getattr(k.stats, key) == pytest.approx(getattr(n.stats, key), rel=1e-5, abs=1e-30)
-    assert k.stats.cross == pytest.approx(n.stats.cross, rel=1e-4, abs=1e-6 * n.stats.error_sq)
+    # cross = sum(w * err) can cancel to near 0, so a relative bound on it is luck; its
+    # rounding error scales with |w| |err| (Cauchy-Schwarz bounds |cross| by the same).
+    scale = math.sqrt(n.stats.signal_sq * n.stats.error_sq)
+    assert k.stats.cross == pytest.approx(n.stats.cross, rel=1e-4, abs=1e-5 * scale)
 
 
 @settings(max_examples=60, deadline=None)
