@@ -289,8 +289,10 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
     from qtool.formats._common import CheckpointError
     from qtool.formats.manifest import MANIFEST
     from qtool.formats.native import Artifact
+    from qtool.report.energy import EnergyModel
     from qtool.report.model import (
         ReportError,
+        ReportOptions,
         artifact_report,
         disk_bytes,
         dry_run_report,
@@ -310,9 +312,9 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
     if chart is not None and fmt != "table":
         raise click.UsageError(f"--chart draws in the terminal; it does not apply to --format "
                                f"{fmt}")
-    checks = {"energy_model": model, "fail_under_sqnr": fail_under_sqnr, "max_error": max_error,
-              "workload": _workload(tokens, lookup, int_activations, bandwidth),
-              "fail_under_total_sqnr": fail_under_total_sqnr, "exclude": exclude}
+    checks = ReportOptions(model or EnergyModel(), _workload(tokens, lookup, int_activations,
+                           bandwidth), fail_under_sqnr, max_error, fail_under_total_sqnr,
+                           tuple(exclude))
     if exclude and fail_under_sqnr is None and max_error is None and \
             fail_under_total_sqnr is None:
         _warn("--exclude has no effect without --fail-under-sqnr, --fail-under-total-sqnr "
@@ -351,7 +353,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             metrics_from = "original"
         m = art.manifest
         rep = artifact_report(path, records, metrics_from=metrics_from, original=original,
-                              disk=disk_bytes(m.source, m.files), **checks)
+                              disk=disk_bytes(m.source, m.files), options=checks)
     else:
         if original is not None or verify_:
             flag = "--original" if original is not None else "--verify"
@@ -380,7 +382,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             raise
         results = [r.records for r in _progress(iter(drun), drun.total, drun.total_bytes,
                                                 "dry run", show)]
-        rep = dry_run_report(path, specs, results, **checks)
+        rep = dry_run_report(path, specs, results, options=checks)
     if fmt == "table":
         from qtool.console import _out_console
 

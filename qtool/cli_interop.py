@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qtool.console import FilePath, _err_console, _progress
+
+if TYPE_CHECKING:
+    from qtool.report.model import ReportOptions
 
 EXIT_OK = 0
 
@@ -45,7 +48,7 @@ def export(art_dir: Path, out_dir: Path, to: str, model_dir: Path | None, force:
 
 
 def report_against(path: Path, against: Path, given: list[str], original: Path | None,
-             verify_: bool, show: bool, checks: dict[str, Any]) -> Any:
+             verify_: bool, show: bool, checks: ReportOptions) -> Any:
     """`report PATH --against ORIGINAL` (pipeline/against.py)."""
     from qtool.formats.manifest import MANIFEST
     from qtool.formats.native import Artifact
@@ -68,4 +71,4 @@ def report_against(path: Path, against: Path, given: list[str], original: Path |
     run = AgainstRun(path, against)
     records = [r.record for r in _progress(iter(run), run.total, run.total_bytes, "measure",
                                            show)]
-    return against_report(path, records, against, **checks)
+    return against_report(path, records, against, options=checks)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,41 +294,44 @@ def _with_real_bytes(rec: TensorRecord) -> TensorRecord:
     return replace(rec, original_bytes=original, stored_bytes=stored)
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    """How a report is judged and priced, built once at the edge (the CLI) and handed to
+    every report builder: the cost model and workload, and the CI thresholds."""
+
+    energy_model: EnergyModel = field(default_factory=EnergyModel)
+    workload: Workload = field(default_factory=Workload)
+    fail_under_sqnr: float | None = None
+    max_error: float | None = None
+    fail_under_total_sqnr: float | None = None
+    exclude: tuple[str, ...] = ()
+
+    def report_fields(self) -> dict[str, Any]:
+        """The options as :class:`Report` fields of the same names."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
 def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
                     metrics_from: str = "manifest", original: str | Path | None = None,
                     disk: tuple[int, int] | None = None,
-                    energy_model: EnergyModel | None = None,
-                    fail_under_sqnr: float | None = None,
-                    max_error: float | None = None,
-                    workload: Workload | None = None,
-                    fail_under_total_sqnr: float | None = None,
-                    exclude: tuple[str, ...] = ()) -> Report:
+                    options: ReportOptions | None = None) -> Report:
     """The report of an artifact from its records (the manifest's, or re-measured ones)."""
     _check_records(records, str(Path(path) / "qtool.json"))
     records = [_with_real_bytes(r) for r in records]
     rows = [Row(r.name, r.dtype, tuple(r.shape), [r]) for r in records]
     return Report("artifact", str(path), ["artifact"], [None], rows, metrics_from,
-                  original=None if original is None else str(original),
-                  energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
-                  max_error=max_error, disk=disk, workload=workload or Workload(),
-                  fail_under_total_sqnr=fail_under_total_sqnr, exclude=tuple(exclude))
+                  original=None if original is None else str(original), disk=disk,
+                  **(options or ReportOptions()).report_fields())
 
 
 def dry_run_report(path: str | Path, specs: Sequence[QuantSpec],
                    results: Sequence[Sequence[TensorRecord]], *,
-                   energy_model: EnergyModel | None = None,
-                   fail_under_sqnr: float | None = None,
-                   max_error: float | None = None,
-                   workload: Workload | None = None,
-                   fail_under_total_sqnr: float | None = None,
-                   exclude: tuple[str, ...] = ()) -> Report:
+                   options: ReportOptions | None = None) -> Report:
     """The report of a dry run: ``results[t][g]`` is tensor t under ``specs[g]``."""
     labels = spec_labels(specs)
     rows = [Row(rs[0].name, rs[0].dtype, tuple(rs[0].shape), list(rs)) for rs in results]
     return Report("dry-run", str(path), labels, list(specs), rows, "dry-run",
-                  energy_model=energy_model or EnergyModel(), fail_under_sqnr=fail_under_sqnr,
-                  max_error=max_error, workload=workload or Workload(),
-                  fail_under_total_sqnr=fail_under_total_sqnr, exclude=tuple(exclude))
+                  **(options or ReportOptions()).report_fields())
 
 
 def spec_labels(specs: Sequence[QuantSpec]) -> list[str]:

@@ -18,7 +18,7 @@ from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
 from qtool.formats.manifest import seal
-from qtool.report.model import Report, artifact_report
+from qtool.report.model import Report, ReportOptions, artifact_report
 from qtool.report.tables import render_report
 from tests.conftest import ROOT, SAMPLE, make_tensors, run, write_checkpoint
 
@@ -379,7 +379,7 @@ def test_table_colours_bad_sqnr_on_a_terminal_and_respects_no_color(tmp_path, mo
     from qtool.formats.native import Artifact
 
     records = Artifact.open(out).manifest.tensors
-    report = artifact_report(out, records, fail_under_sqnr=200.0)
+    report = artifact_report(out, records, options=ReportOptions(fail_under_sqnr=200.0))
 
     def render(r: Report) -> str:
         buf = io.StringIO()
