@@ -1,6 +1,7 @@
 """`make bench`, weight-space accuracy: SQNR at a given bits per weight for --range minmax,
-mse and search and for mixed precision (--target-bits), on a heavy-tailed synthetic
-checkpoint in transformer shapes; the cost of --range search and of --target-bits.
+mse and search, for mixed precision (--target-bits) and for double-quantized group scales,
+on a heavy-tailed synthetic checkpoint in transformer shapes; the cost of --range search and
+of --target-bits.
 
 The checkpoint (bench/_data/heavy/): one Llama-like layer at hidden 512 / MLP 1408 and an
 embedding of 1024 rows, 3.7M weights, Student-t draws whose tail weight differs per tensor kind
@@ -173,3 +174,89 @@ def mixed_cost(src: Path, work: Path, run: Callable[[list[str]], float],
           "(42 candidates per tensor, each measured on a seeded sample of 2^17 values)")
     target(f"--target-bits costs {mixed / plain:.2f}x a plain quantize on 1 GiB (<= 4x)",
            mixed <= 4 * plain)
+
+
+def double_quantization(src: Path, target: Callable[[str, bool], None]) -> None:
+    """Issue 13 section 3: group scales as 8-bit codes x one float32 per row (double
+    quantization, qtool.core.double_quant) against plain float16 scales, at near-equal bits
+    per weight (sidecars included), minmax and search ranges, 4 and 3 bits asymmetric. In
+    memory, with the scales as stored: q comes from the rounded (up) scale in both cases."""
+    from qtool.core.double_quant import dequantize_dq, quantize_dq, stored_bytes_dq
+    from qtool.core.quant import dequantize, quantize
+
+    with safe_open(str(src), "numpy") as f:
+        ws = {k: f.get_tensor(k) for k in f.keys()}
+    ws = {k: w for k, w in ws.items() if w.ndim == 2}
+    n = sum(w.size for w in ws.values())
+
+    def one(spec: QuantSpec, dq: bool) -> tuple[float, float, float]:
+        bits = sig = err = 0.0
+        worst = math.inf
+        for w in ws.values():
+            if dq:
+                q, p = quantize_dq(w, spec)
+                w_hat = dequantize_dq(q, p, spec.group_size)
+                bits += 8 * stored_bytes_dq(w.shape, spec)
+            else:
+                t = quantize(w, spec)
+                w_hat = dequantize(t.data, t.scale, t.zero_point, w.shape, spec, np.float32)
+                bits += 8 * stored_bytes(w.shape, spec)
+            w64 = w.astype(np.float64)
+            s, e = float(np.sum(w64 * w64)), float(np.sum((w64 - w_hat) ** 2))
+            sig, err, worst = sig + s, err + e, min(worst, 10 * math.log10(s / e))
+        return bits / n, 10 * math.log10(sig / err), worst
+
+    def matched(bits: int, target_bpw: float) -> int:
+        """The largest group size whose float16-scale bits per weight are >= target_bpw: the
+        plain setting at equal or slightly more bits than a double-quantized one."""
+        g = 256
+        while g > 1 and sum(8 * stored_bytes(w.shape, QuantSpec(
+                "asymmetric", bits, "group", g, scale_dtype="float16"))
+                for w in ws.values()) / n < target_bpw:
+            g -= 1
+        return g
+
+    print("double quantization of group scales (8-bit codes x one float32 per row) against "
+          "float16 scales, asymmetric, same checkpoint, in memory:")
+    print(f"  {'setting':62s} {'bits/w':>7s} {'SQNR dB':>8s} {'worst dB':>9s}")
+    verdicts = []
+    for bits in (4, 3):
+        for rng in ("minmax", "search"):
+            def row(g: int, is_dq: bool, note: str = "", bits: int = bits, rng: str = rng
+                    ) -> tuple[float, float, float, int]:
+                spec = QuantSpec("asymmetric", bits, "group", g, range=rng,
+                                 scale_dtype="float32" if is_dq else "float16")
+                bpw, db, worst = one(spec, is_dq)
+                kind = "8-bit codes x f32/row" if is_dq else "float16 scales" + note
+                print(f"  {f'{bits}-bit g{g} {rng}, {kind}':62s} {bpw:7.3f} {db:8.2f} "
+                      f"{worst:9.2f}")
+                return bpw, db, worst, g
+
+            for g in (32, 64, 128):
+                row(g, False)
+            pairs = []
+            for g in (16, 32, 64):
+                d = row(g, True)
+                pairs.append((d, row(matched(bits, d[0]), False, " (bits >= the row above)")))
+            verdicts.append((bits, rng, pairs))
+    wins = 0
+    for bits, rng, pairs in verdicts:
+        line, won = dq_verdict(bits, rng, pairs)
+        wins += won
+        print("  " + line)
+    target(f"double quantization beats float16 scales at equal or fewer bits per weight in "
+           f"{wins} of {len(verdicts)} settings (4/3-bit x minmax/search)", wins == len(verdicts))
+
+
+def dq_verdict(bits: int, rng: str, pairs: list[tuple[tuple, tuple]]) -> tuple[str, bool]:
+    """One line per setting: each double-quantized point against the float16-scale point at
+    equal or slightly more bits (the largest group size that costs as much); quoted is the
+    pair with the smallest margin, so "pays off" means every pair is won."""
+    margins = [(d[1] - p[1], d, p) for d, p in pairs]
+    m, d, p = min(margins, key=lambda t: t[0])
+    won = all(mm > 0 and dd[0] <= pp[0] for mm, dd, pp in margins)
+    word = "pays off" if won else "does not pay off"
+    return (f"{bits}-bit {rng}: double quantization {word}: {d[1]:.2f} dB at {d[0]:.3f} bits "
+            f"(g{d[3]}) vs {p[1]:.2f} dB at {p[0]:.3f} bits (float16 g{p[3]}), the smallest of "
+            f"the margins {', '.join(f'{mm:+.2f}' for mm, _, _ in margins)} dB "
+            f"(g{'/'.join(str(dd[3]) for _, dd, _ in margins)})"), won

@@ -603,7 +603,8 @@ def main() -> None:
           "(it tries 100 clipping ranges per row)")
     print()
 
-    # ---- weight-space accuracy: --range search, mixed precision (bench/accuracy.py)
+    # ---- weight-space accuracy: --range search, mixed precision, double-quantized scales
+    # (bench/accuracy.py)
     import accuracy
 
     def run_qtool(argv: list[str]) -> float:
@@ -612,6 +613,7 @@ def main() -> None:
     heavy = accuracy.heavy_checkpoint(DATA / "heavy" / "model.safetensors",
                                       llama_shapes(512, 1408, 1, 1024))
     accuracy.weight_space(heavy, work, run_qtool, target)
+    accuracy.double_quantization(heavy, target)
     accuracy.mixed_cost(paths["fp32"], work, run_qtool, target)
     print()
 
