@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.torch import save_file as save_torch
 from tiny_models import make_tiny_bert, make_tiny_llama, sample_inputs
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 RECIPE_8_4 = """
 [[rule]]
@@ -187,6 +187,46 @@ def test_the_bare_model_class_loads_the_export(tmp_path):
             np.testing.assert_array_equal(got.view(np.uint32), w.view(np.uint32), err_msg=name)
             n += 1
     assert n == 15
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "llama-tied"])
+def test_tied_embeddings_load_and_match_the_dequantized_model(tmp_path, kind):
+    """An output layer tied to the input embedding (BERT's MLM decoder, a LLaMA with
+    tie_word_embeddings): the export keeps the embedding float, so the model loads, the two
+    layers still share one weight, equal to `dequantize`'s, and the forward matches."""
+    if kind == "bert-mlm":
+        src, auto = make_tiny_bert(tmp_path / "src", mlm_head=True), AutoModelForMaskedLM
+        emb, head = "bert.embeddings.word_embeddings", "cls.predictions.decoder"
+    else:
+        src, auto = make_tiny_llama(tmp_path / "src", tied=True), AutoModelForCausalLM
+        emb, head = "model.embed_tokens", "lm_head"
+    art, out = tmp_path / "art", tmp_path / "out"
+    qtool("quantize", src, art, "-q", "--bits", "4", "--granularity", "group",
+          "--group-size", "16")
+    r = qtool("export", art, out, "--to", "compressed-tensors")
+    assert f"'{emb}.weight'" in r.stderr and "tie_word_embeddings" in r.stderr, r.stderr
+    want = restored(art, tmp_path / "deq.safetensors")
+    model, info = auto.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        got = model(**sample_inputs(tok)).logits
+    params = dict(model.named_parameters(remove_duplicate=False))
+    e, h = params[f"{emb}.weight"], params[f"{head}.weight"]
+    assert e.data_ptr() == h.data_ptr() and e.dtype == torch.float32
+    np.testing.assert_array_equal(e.detach().numpy().view(np.uint32),
+                                  want[f"{emb}.weight"].view(np.uint32))
+    assert len(quantized_modules(out)) >= 13
+
+    deq = tmp_path / "deq_model"
+    shutil.copytree(src, deq)
+    from safetensors.numpy import save_file
+    save_file(want, deq / "model.safetensors", metadata={"format": "pt"})
+    ref = auto.from_pretrained(deq, dtype=torch.float32)
+    with torch.no_grad():
+        expect = ref(**sample_inputs(tok)).logits
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    summary(f"tied-{kind}", auto=auto.__name__, max_output_diff=float((got - expect).abs().max()))
 
 
 def test_asymmetric_4bit_packed_against_the_library(tmp_path):

@@ -43,12 +43,14 @@ def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, out: Path,
     return out
 
 
-def make_tiny_llama(out: Path, seed: int = 0, max_shard_size: str | None = None) -> Path:
-    """A 2-layer LLaMA (hidden 64, MLP 128, GQA 4/2 heads, untied lm_head) in ``out``."""
+def make_tiny_llama(out: Path, seed: int = 0, max_shard_size: str | None = None,
+                    tied: bool = False) -> Path:
+    """A 2-layer LLaMA (hidden 64, MLP 128, GQA 4/2 heads) in ``out``; its lm_head is untied,
+    or with ``tied`` shares the input embedding (and is not stored)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=False,
+                      max_position_embeddings=64, tie_word_embeddings=tied,
                       bos_token_id=5, eos_token_id=6, pad_token_id=0)
     model = LlamaForCausalLM(cfg).to(torch.float32).eval()
     return _save(model, _tokenizer("<s>", "</s>", {}), Path(out), max_shard_size)

@@ -133,6 +133,8 @@ class CompressedTensorsSink:
         self.groups: dict[tuple[L.WeightArgs, str], list[str]] = {}
         self.weight_map: dict[str, str] = {}
         self.files: dict[str, int] = {}
+        # Weights another module shares (tied embeddings): written dequantized, with the reason.
+        self.keep_float: dict[str, str] = {}
         self._writer: SafetensorsWriter | None = None
         self._shard = ""
 
@@ -142,7 +144,7 @@ class CompressedTensorsSink:
         self._shard = shard.name
         entries: list[tuple[str, str, tuple[int, ...]]] = []
         for t in tensors:
-            if t.spec is not None and expressible(t.info.name, t.info.shape, t.spec) is None:
+            if t.spec is not None and self._why_float(t.info.name, t.info.shape, t.spec) is None:
                 entries.extend(ct_entries(t.info.name, t.info.shape, t.spec))
             else:
                 entries.append((t.info.name, t.info.dtype, t.info.shape))
@@ -166,7 +168,7 @@ class CompressedTensorsSink:
         scale, zp = native_params(tensor.scale, tensor.zero_point, info.shape, spec, where)
         stored = data.view(spec.storage_dtype if not spec.packed else np.uint8)
         stored = stored.reshape(stored_shape(info.shape, spec))
-        why = expressible(info.name, info.shape, spec)
+        why = self._why_float(info.name, info.shape, spec)
         if why is not None:
             out = dequantize(stored, scale_as_float32(scale, spec), zp, info.shape, spec,
                              DTYPES[info.dtype])
@@ -194,6 +196,10 @@ class CompressedTensorsSink:
             nbytes += arr.nbytes
         self.groups.setdefault((args, fmt), []).append(L.exact_target(module, self.prefix))
         return nbytes
+
+    def _why_float(self, name: str, shape: tuple[int, ...], spec: QuantSpec) -> str | None:
+        """Why this quantized tensor is written dequantized (None: it is exported quantized)."""
+        return self.keep_float.get(name) or expressible(name, shape, spec)
 
     def _close_shard(self) -> None:
         if self._writer is not None:

@@ -26,6 +26,14 @@ TARGETS = ("compressed-tensors",)
 # class (its base_model_prefix): the export's targets match with and without them.
 KNOWN_PREFIXES = ("model", "transformer", "bert", "roberta", "deberta", "distilbert",
                   "encoder", "decoder", "gpt_neox")
+# The last module-name part of an input (word) embedding: LLaMA-likes, BERT-likes, GPT-2,
+# T5, GPT-NeoX, Meta's original LLaMA.
+WORD_EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "shared", "embed_in",
+                   "tok_embeddings")
+# ... and of an output layer (LLaMA-likes, BERT's MLM head, GPT-NeoX, Meta's LLaMA).
+OUTPUT_LAYERS = ("lm_head", "decoder", "embed_out", "output")
+TIED = ("the output layer shares it (tie_word_embeddings), and a shared quantized weight "
+        "does not load")
 
 
 @dataclass
@@ -124,6 +132,28 @@ def _prefix(src: Source, config: dict) -> str | None:
     return None
 
 
+def tied_embeddings(names: list[str], quantized: list[str], config: dict) -> dict[str, str]:
+    """The quantized input-embedding weights the model's output layer shares, each with the
+    reason it stays float. transformers ties them when ``tie_word_embeddings`` is true and
+    the class has an output layer (a bare ``...Model`` class has none). When config.json
+    does not say, an output layer stored in the checkpoint (``names``) means untied; without
+    one the embedding is kept float, which always loads correctly."""
+    tie = config.get("tie_word_embeddings")
+    if tie is None:
+        tie = not any(n.removesuffix(".weight").rpartition(".")[2] in OUTPUT_LAYERS
+                      for n in names if n.endswith(".weight"))
+    if tie is not True:
+        return {}
+    arch = config.get("architectures")
+    if isinstance(arch, list) and arch and all(
+            isinstance(a, str) and a.endswith("Model") and not a.endswith("HeadModel")
+            for a in arch):
+        return {}
+    return {n: TIED for n in quantized
+            if n.endswith(".weight") and n.removesuffix(".weight").rpartition(".")[2]
+            in WORD_EMBEDDINGS}
+
+
 def _run(src: Source, model: Path, config: dict, out: Path, result: ExportResult,
          force: bool = False) -> None:
     m = src.manifest
@@ -131,6 +161,8 @@ def _run(src: Source, model: Path, config: dict, out: Path, result: ExportResult
     sink = SINKS["compressed-tensors"](stage.tmp)
     assert isinstance(sink, CompressedTensorsSink)
     sink.prefix = _prefix(src, config)
+    sink.keep_float = tied_embeddings([t.name for t in m.tensors],
+                                      [t.name for t in m.tensors if t.spec is not None], config)
     try:
         single = len(m.shards) == 1
         for shard in m.shards:

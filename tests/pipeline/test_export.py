@@ -185,6 +185,58 @@ def test_short_last_group_is_written_dequantized_with_a_warning(tmp_path):
     assert len(targets) == 4 and not any("odd" in t for t in targets)
 
 
+@pytest.mark.parametrize("config, names, tied", [
+    ({"tie_word_embeddings": True, "architectures": ["LlamaForCausalLM"]},
+     ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"],
+     ["model.embed_tokens.weight"]),
+    ({"tie_word_embeddings": True, "architectures": ["GPT2LMHeadModel"]},
+     ["transformer.wte.weight", "transformer.wpe.weight"], ["transformer.wte.weight"]),
+    ({"tie_word_embeddings": True, "architectures": ["BertForMaskedLM"]},
+     ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight"],
+     ["bert.embeddings.word_embeddings.weight"]),
+    # a bare model class has no output layer to share the weight with
+    ({"tie_word_embeddings": True, "architectures": ["BertModel"]},
+     ["embeddings.word_embeddings.weight"], []),
+    ({"tie_word_embeddings": False, "architectures": ["LlamaForCausalLM"]},
+     ["model.embed_tokens.weight"], []),
+    # config.json silent: a stored output layer means untied, none means keep it float
+    ({}, ["model.embed_tokens.weight", "lm_head.weight"], []),
+    ({}, ["model.embed_tokens.weight"], ["model.embed_tokens.weight"]),
+])
+def test_which_embeddings_are_tied(config, names, tied):
+    from qtool.pipeline.export import tied_embeddings
+    assert sorted(tied_embeddings(names, names, config)) == tied
+
+
+def test_a_tied_embedding_is_exported_dequantized(tmp_path):
+    """The output layer shares a tied input embedding: exported quantized, the Linear would be
+    handed int8 values, so it is written dequantized, equal to `dequantize`'s output."""
+    src = model_folder(tmp_path / "m")
+    (src / "model.safetensors").unlink()
+    t = tensors()
+    del t["lm_head.weight"], t["model.layers.0.mlp.odd.weight"]
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+        "tie_word_embeddings": True}))
+    run("quantize", src, tmp_path / "art", "-q")
+    r = run("export", tmp_path / "art", tmp_path / "out", "--to", "compressed-tensors")
+    warning = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    assert len(warning) == 1 and "'model.embed_tokens.weight'" in warning[0]
+    assert "tie_word_embeddings" in warning[0]
+    run("dequantize", tmp_path / "art", tmp_path / "r.safetensors", "-q")
+    want = load_file(tmp_path / "r.safetensors")
+    got = weights_of(tmp_path / "out")
+    emb = got["model.embed_tokens.weight"]
+    assert emb.dtype == np.float32
+    assert emb.tobytes() == want["model.embed_tokens.weight"].tobytes()
+    assert not any(k.startswith("model.embed_tokens.weight_") for k in got)
+    assert got["model.layers.0.self_attn.q_proj.weight"].dtype == np.int8
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert len(targets) == 2 and not any("embed_tokens" in t for t in targets)
+
+
 def test_sharded_export_mirrors_the_source(tmp_path):
     src = model_folder(tmp_path / "m", shards=3)
     run("quantize", src, tmp_path / "art", "-q", "--bits", "4", "--granularity", "group",
