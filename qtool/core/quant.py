@@ -159,8 +159,16 @@ class TensorQuantizer:
         float dtype, into ``out`` (n, out_row_items) of out_dtype. Blocks run on ``mapper``
         (e.g. ``ThreadPoolExecutor.map``; serial by default). Raises NonFiniteError for
         NaN/inf, NegativeValuesError for symmetric-unsigned on negative values."""
+        self.run_rows(lambda a, b: x[a - row0 : b - row0], row0, x.shape[0], out, mapper)
+
+    def run_rows(self, rows_of: Callable[[int, int], np.ndarray], row0: int, n: int,
+                 out: np.ndarray, mapper: Mapper | None = None) -> None:
+        """:meth:`run` of rows [row0, row0 + n), each task fetching its own rows [a, b) of the
+        tensor with ``rows_of(a, b)`` ((b - a, cols), any float dtype) on the thread that
+        quantizes them: a caller can read them there into a small buffer of that thread's,
+        which the quantizing then finds in the core's cache, and the reads run in parallel.
+        The rows need to stay valid only until the task is done."""
         mapper = mapper or _serial_map
-        n = x.shape[0]
         if row0 != self._done or row0 % self.block_rows or row0 + n > self.rows:
             raise ValueError(f"rows [{row0}, {row0 + n}) are not the next run of whole blocks")
         tp = self._tensor_p
@@ -174,8 +182,8 @@ class TensorQuantizer:
             a, b = blocks[0].start, blocks[-1].stop
             rows = slice(row0 + a, row0 + b)
             return _quantize_task(
-                x[a:b], [slice(sl.start - a, sl.stop - a) for sl in blocks], spec, cdt, tp,
-                out[a:b], None if scale2d is None else scale2d[rows],
+                rows_of(rows.start, rows.stop), [slice(sl.start - a, sl.stop - a) for sl in blocks],
+                spec, cdt, tp, out[a:b], None if scale2d is None else scale2d[rows],
                 None if zero2d is None else zero2d[rows], self._kernel)
 
         for stats in mapper(task, _tasks(_blocks(n, self.cols), self.cols)):

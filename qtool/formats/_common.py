@@ -219,10 +219,12 @@ def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path, what: str) -
         done += got
 
 
-def aligned_buffer(nbytes: int, offset: int = 0) -> np.ndarray:
-    """A fresh writable 1-D uint8 array of ``nbytes`` whose address is congruent to
-    ``offset`` modulo 4096 (page-cache copies into such buffers are much faster)."""
-    raw = np.empty(nbytes + PAGE, dtype=np.uint8)
+def aligned_buffer(nbytes: int, offset: int = 0, raw: np.ndarray | None = None) -> np.ndarray:
+    """A writable 1-D uint8 array of ``nbytes`` whose address is congruent to ``offset``
+    modulo 4096 (page-cache copies into such buffers are much faster): a slice of ``raw``, a
+    caller's reusable uint8 buffer of at least ``nbytes + PAGE`` bytes, or else fresh."""
+    if raw is None or raw.size < nbytes + PAGE:
+        raw = np.empty(nbytes + PAGE, dtype=np.uint8)
     shift = (offset - raw.ctypes.data) % PAGE
     return raw[shift : shift + nbytes]
 

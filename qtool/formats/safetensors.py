@@ -52,8 +52,6 @@ from qtool.formats.safeio import not_this_format, open_regular, sniff
 # reader
 
 
-
-
 class SafetensorsFile:
     """A validated, read-only view of one safetensors file.
 
@@ -358,10 +356,12 @@ class SafetensorsFile:
             _pread_exact(self._fd, memoryview(region), t.offset, self.path, f"tensor {t.name!r}")
         return region.view(DTYPES[t.dtype]).reshape(t.shape)
 
-    def view(self, info: TensorInfo | str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def view(self, info: TensorInfo | str, start: int = 0, stop: int | None = None,
+             buffer: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, stop) of the tensor, flat, as a fresh array read with ``pread``
         into a page-congruent buffer. Use it for data read once, in runs, to bound memory:
-        the buffer goes when the array (and every view of it) is dropped.
+        the buffer goes when the array (and every view of it) is dropped. With ``buffer`` (a
+        caller's reusable uint8 array, see :func:`aligned_buffer`) the data goes into it.
 
         Not a memory map: a file truncated by another process while mapped kills the reader
         with SIGBUS. A short read is a one-line CheckpointError ("truncated while open?").
@@ -379,7 +379,9 @@ class SafetensorsFile:
             return np.empty(0, dtype=dt)
         offset = t.offset + start * dt.itemsize
         if nbytes >= _ALIGN_MIN_BYTES and offset % dt.itemsize == 0:
-            buf = aligned_buffer(nbytes, offset)
+            buf = aligned_buffer(nbytes, offset, buffer)
+        elif buffer is not None and buffer.size >= nbytes:
+            buf = buffer[:nbytes]
         else:
             buf = np.empty(nbytes, dtype=np.uint8)
         _pread_exact(self._fd, memoryview(buf), offset, self.path, f"tensor {t.name!r}")
@@ -411,7 +413,3 @@ class SafetensorsFile:
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({self._label!r}, {len(self.tensors)} tensors)"
-
-
-
-

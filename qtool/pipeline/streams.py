@@ -9,6 +9,7 @@ import ctypes
 import functools
 import os
 import queue
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from qtool.core import bf16
 from qtool.core.blocks import Mapper
 from qtool.core.quant import TensorQuantizer
 from qtool.core.schemes import QuantSpec
-from qtool.formats._common import DTYPES, CheckpointError, TensorInfo
+from qtool.formats._common import DTYPES, PAGE, CheckpointError, TensorInfo
 from qtool.formats.manifest import MANIFEST, sidecar_names
 from qtool.formats.registry import Chunk, OutTensor
 from qtool.formats.safetensors import SafetensorsFile
@@ -60,6 +61,26 @@ class _Buffers:
 
     def put(self, buf: np.ndarray) -> None:
         self._free.put(buf)
+
+
+# Input is read by the worker threads themselves, each task's rows (a few MB: the core's
+# TASK_ELEMENTS) into a buffer of the thread's own that the next task reuses: the values are
+# then still in the core's cache when the kernel reads them, no fresh pages are faulted in
+# for every tensor, and the two cores read in parallel. Larger buffers (one very long row)
+# are not kept.
+_READ_KEEP_BYTES = 16 << 20
+_reader = threading.local()
+
+
+def _read_buffer(nbytes: int) -> np.ndarray:
+    """This thread's reusable read buffer, large enough for ``nbytes`` at any page offset."""
+    need = nbytes + PAGE
+    buf: np.ndarray | None = getattr(_reader, "buf", None)
+    if buf is None or buf.size < need:
+        buf = np.empty(need, np.uint8)
+        if need <= _READ_KEEP_BYTES:
+            _reader.buf = buf
+    return buf
 
 
 def _runs(count: int, itemsize: int) -> Iterator[tuple[int, int]]:
@@ -155,6 +176,10 @@ def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buf
     def rows_of(a: int, b: int) -> np.ndarray:
         return sf.view(info, a * cols, b * cols).reshape(b - a, cols)
 
+    def task_rows(a: int, b: int) -> np.ndarray:  # on the worker that quantizes them
+        buf = _read_buffer((b - a) * cols * info.np_dtype.itemsize)
+        return sf.view(info, a * cols, b * cols, buf).reshape(b - a, cols)
+
     max_elements = max(1, QUANTIZE_CHUNK_BYTES // info.np_dtype.itemsize)
     if tq.needs_tensor_range:
         tq.set_tensor_range(rows_of, mapper, max_elements)
@@ -163,14 +188,13 @@ def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buf
         nbytes = (b - a) * width * tq.out_dtype.itemsize
         buf = buffers.get(nbytes)
         q = buf[:nbytes].view(tq.out_dtype).reshape(b - a, width)
-        x = rows_of(a, b)
-        if b - a == 1 and x.dtype == np.float16:
+        if b - a == 1 and info.np_dtype == np.float16:
             # One long row is one block, and the quantizer would widen it into a float32
             # scratch copy while this float16 copy lives on: widened here instead, the float16
             # copy is gone before the quantizer's own scratch exists (same values, same path).
-            x = x.astype(np.float32)
-        tq.run(x, a, q, mapper)
-        del x
+            tq.run(rows_of(a, b).astype(np.float32), a, q, mapper)
+        else:
+            tq.run_rows(task_rows, a, b - a, q, mapper)
         yield q, functools.partial(buffers.put, buf)
     if not np.isfinite(tq.scale).all():
         raise CheckpointError(

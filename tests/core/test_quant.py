@@ -488,3 +488,47 @@ def test_kernel_writes_into_an_output_with_gaps():
     np.testing.assert_array_equal(big[::2], ref.data)
     assert not big[1::2].any()
     np.testing.assert_array_equal(tq.scale, ref.scale)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("symmetric"),
+                                  QuantSpec("asymmetric", bits=4, granularity="group",
+                                            group_size=32)], ids=["sym8-channel", "asym4-g32"])
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+def test_run_rows_fetches_each_tasks_rows_on_its_worker(core, spec, dtype, monkeypatch):
+    # run_rows hands each task only (a, b): the task fetches its rows itself, on the worker
+    # that quantizes them, and may put them in a buffer that the thread's next task
+    # overwrites. Every byte, scale and statistic must be those of quantize(w) in one go.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import qtool.core.blocks as blocks
+    from qtool.core.quant import TensorQuantizer
+
+    monkeypatch.setattr(blocks, "BLOCK_ELEMENTS", 200)  # 2 rows of 100 per block
+    monkeypatch.setattr(blocks, "TASK_ELEMENTS", 400)  # 2 blocks per task
+    w = np.random.default_rng(7).normal(0, 1, (23, 100)).astype(np.float32).astype(dtype)
+    ref = quantize(w, spec)
+    tq = TensorQuantizer(w.shape, w.dtype, spec)
+    out = np.zeros(ref.data.shape, ref.data.dtype).reshape(tq.rows, tq.out_row_items)
+    calls: list[tuple[int, int]] = []
+    threads: set[int] = set()
+    local = threading.local()
+
+    def rows_of(a: int, b: int) -> np.ndarray:
+        calls.append((a, b))
+        threads.add(threading.get_ident())
+        if not hasattr(local, "buf"):
+            local.buf = np.empty((4, 100), w.dtype)
+        local.buf[:] = 0  # whatever the previous task left there is gone
+        local.buf[: b - a] = w[a:b]
+        return local.buf[: b - a]
+
+    with ThreadPoolExecutor(2) as pool:
+        for a, b in tq.chunks(1000):  # runs of 10 rows: 10, 10, 3
+            tq.run_rows(rows_of, a, b - a, out[a:b], pool.map)
+    assert sorted(calls) == [(0, 4), (4, 8), (8, 10), (10, 14), (14, 18), (18, 20), (20, 23)]
+    assert threading.get_ident() not in threads
+    np.testing.assert_array_equal(out.reshape(ref.data.shape), ref.data)
+    np.testing.assert_array_equal(tq.scale, ref.scale)
+    np.testing.assert_array_equal(tq.zero_point, ref.zero_point)
+    assert tq.stats == ref.stats

@@ -170,6 +170,33 @@ def test_read_aligned_to_file_offset(tmp_path):
             f.read_into(info, np.empty(info.nbytes, dtype=np.float32))
 
 
+def test_view_into_a_reused_buffer(tmp_path):
+    # quantize reads each task's rows into one buffer per worker thread: view(..., buffer)
+    # must give the same values as a fresh view, from inside that buffer, at an address
+    # congruent to the file offset (fast page-cache copies), however the run starts.
+    path = tmp_path / "v.safetensors"
+    big = np.arange(3 * 4096, dtype=np.float32).reshape(3, 4096)
+    save_file({"a_small": np.arange(3, dtype=np.uint8), "b_big": big,
+               "c_odd": np.arange(5, dtype=np.uint8)}, path)
+    raw = np.empty(2 * 4096 * 4 + 4096, np.uint8)
+    lo, hi = raw.ctypes.data, raw.ctypes.data + raw.size
+    with SafetensorsFile(path) as f:
+        info = f["b_big"]
+        for start, stop in [(0, 4096), (4096, 3 * 4096), (1000, 1001 + 5000), (7, 9)]:
+            got = f.view(info, start, stop, raw)
+            assert np.array_equal(got, big.reshape(-1)[start:stop])
+            assert np.array_equal(got, f.view(info, start, stop))
+            assert lo <= got.ctypes.data and got.ctypes.data + got.nbytes <= hi
+            if got.nbytes >= 4096:
+                assert got.ctypes.data % 4096 == (info.offset + 4 * start) % 4096
+            assert not got.flags.writeable
+        # a buffer too small for the run: a fresh one, the values all the same
+        got = f.view(info, 0, 3 * 4096, raw)
+        assert np.array_equal(got, big.reshape(-1))
+        assert not lo <= got.ctypes.data < hi
+        assert np.array_equal(f.view("c_odd", 1, 4, raw), np.arange(1, 4, dtype=np.uint8))
+
+
 def test_read_rejects_foreign_tensorinfo(tmp_path):
     path = tmp_path / "a.safetensors"
     save_file({"w": np.zeros(4, np.float32)}, path)
