@@ -25,6 +25,9 @@ from qtool.formats._common import DTYPES
 # --------------------------------------------------------------------------------------------
 # writer
 
+# Bytes hashed and written at a time: well inside a core's L2 cache (docs/PERFORMANCE.md).
+_PIECE_BYTES = 1 << 20
+
 # ml_dtypes' types a caller may still pass (qtool itself holds these as bit patterns)
 _BIT_TYPES = {"bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
@@ -152,9 +155,15 @@ class SafetensorsWriter:
 
     def _put(self, mv: memoryview) -> None:
         assert self._file is not None
-        if self._hash is not None:
-            self._hash.update(mv)
-        self._file.write(mv)
+        # Hashed and written a piece at a time, each piece written while the hash has just
+        # left it in the core's cache: writing a 12 MB run after hashing all of it cost
+        # 2-5x the CPU (0.14-0.37 s against 0.055 s for quantize's 269 MB; 4 MB pieces
+        # were as slow).
+        for i in range(0, mv.nbytes, _PIECE_BYTES):
+            piece = mv[i : i + _PIECE_BYTES]
+            if self._hash is not None:
+                self._hash.update(piece)
+            self._file.write(piece)
 
     def _emit(self, mv: memoryview, release: Callable[[], object] | None) -> None:
         if self._queue is None:

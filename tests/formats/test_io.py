@@ -671,6 +671,25 @@ def test_writer_read_by_safetensors_library(tmp_path):
             assert same(f.read(name), a), name
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_writer_large_pieces_hashed_and_written_whole(tmp_path, background):
+    # The writer hashes and writes 1 MB at a time: runs of several MB (and their odd tails),
+    # whole or in chunks, must come out byte for byte, with the digest of the whole file.
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (3 << 20) + 12345, dtype=np.uint8)
+    b = rng.standard_normal((1 << 18) + 7).astype(np.float32)  # 1 MB and 28 bytes
+    p = tmp_path / "big.safetensors"
+    with SafetensorsWriter(p, [("a", "U8", a.shape), ("b", "F32", b.shape)],
+                           background=background) as w:
+        w.write_chunk("a", a[: 1 << 20])
+        w.write_chunk("a", a[1 << 20 :])
+        w.write("b", b)
+    blob = p.read_bytes()
+    assert w.digest == blake3.blake3(blob).hexdigest()
+    with SafetensorsFile(p) as f:
+        assert same(f.read("a"), a) and same(f.read("b"), b)
+
+
 def test_writer_accepts_bytes_views_and_noncontiguous(tmp_path):
     base = sample("F32", (6, 8))
     strided = base[::2, 1::3]  # non-contiguous
