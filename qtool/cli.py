@@ -79,12 +79,12 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Replace an earlier qtool artifact in OUT_DIR.")
 @output_format_options
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
-def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
-             group_size: int, range_: str, percentile: float, scale_dtype: str,
+def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int, group_size: int,
+             range_: str, percentile: float, scale_dtype: str, scale_bits: int | None,
              skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
              allow_unused_rules: bool, nan_policy: str, target_bits: float | None,
-             target_sqnr: float | None, write_recipe: Path | None, jobs: int,
-             source_digest: bool, force: bool, fmt: str, as_json: bool, quiet: bool) -> int:
+             target_sqnr: float | None, write_recipe: Path | None, jobs: int, source_digest: bool,
+             force: bool, fmt: str, as_json: bool, quiet: bool) -> int:
     """Quantize SRC (a .safetensors file, a sharded *.safetensors.index.json, or a directory
     holding either) into the artifact directory OUT_DIR."""
     from qtool.cli_mixed import finish_quantize, start_quantize
@@ -95,7 +95,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
         raise click.BadParameter(f"scheme gnmt is always per row, not {granularity}",
                                  param_hint="'--granularity'")
     as_json = as_json or fmt == "json"
-    spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile)
+    spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile, scale_bits)
     rules = _load_rules(recipe)
     opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=rules,
                            allow_unused_rules=allow_unused_rules, jobs=jobs,

@@ -20,6 +20,9 @@ def start_quantize(src: Path, out_dir: Path, opts: Any, target_bits: float | Non
     from qtool.pipeline.run import quantize_checkpoint
 
     target = _make_target(target_bits, target_sqnr)
+    if target is not None and opts.spec.scale_bits is not None:
+        raise click.UsageError("--scale-bits 8 cannot be combined with --target-bits or "
+                               "--target-sqnr (their candidates have float scales)")
     if write_recipe is not None and write_recipe.is_dir():
         raise click.BadParameter(f"{write_recipe} is a directory", param_hint="'--write-recipe'")
     console = _err_console(quiet)

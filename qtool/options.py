@@ -56,6 +56,13 @@ def _spec_options(f: Any, multiple_bits: bool) -> Any:
                      help="dtype the scales are stored in: auto is the tensor's own for "
                           "F16/BF16, float32 for F32/F64. q is computed with the stored scale."),
     ]
+    if not multiple_bits:  # quantize only: a storage choice, not a dry-run column
+        opts.append(click.option(
+            "--scale-bits", type=click.Choice(["8"]), default=None,
+            callback=lambda ctx, param, v: None if v is None else int(v),
+            help="8: store group scales as 8-bit codes times one float32 per row (double "
+                 "quantization; 4-bit g32 costs 4.4 bits per weight instead of 4.6 with "
+                 "float16 scales, and measured no worse). Needs -g group; not gnmt."))
     for o in reversed(opts):
         f = o(f)
     return f
@@ -100,11 +107,11 @@ def _load_rules(recipe: Path | None) -> tuple:
 
 
 def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_: str,
-               percentile: float) -> Any:
+               percentile: float, scale_bits: int | None = None) -> Any:
     from qtool.core.schemes import QuantSpec
 
     return QuantSpec(scheme=scheme, bits=bits, granularity=granularity, group_size=group_size,
-                     range=range_, percentile=percentile)
+                     range=range_, percentile=percentile, scale_bits=scale_bits)
 
 
 def _dry_run_specs(schemes: Sequence[str], bits: Sequence[int], granularity: str,

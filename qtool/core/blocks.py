@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from qtool.core import bf16, packing
+from qtool.core.double_quant import double_quantize
 from qtool.core.metrics import ErrorStats
 from qtool.core.ranges import find_range, minmax_ranges
 from qtool.core.schemes import QParams, QuantSpec, qparams
@@ -193,6 +194,19 @@ def _ranges_or_nonfinite(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np
         raise
 
 
+def _params(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec,
+            row_out: np.ndarray | None) -> QParams:
+    """qparams of (r, units) ranges; with ``spec.scale_bits`` the double-quantized scales
+    (codes x one float32 per row, the stored product: see core/double_quant.py), the row
+    scales written to ``row_out``."""
+    if spec.scale_bits is None:
+        return qparams(lo, hi, spec)
+    assert row_out is not None
+    dq = double_quantize(lo, hi, spec)
+    row_out[...] = dq.row_scale
+    return QParams(dq.scale, dq.zero_point)
+
+
 def _as_compute(xs: np.ndarray, cdt: np.dtype) -> np.ndarray:
     """The block in the compute dtype: the caller's rows themselves when they already are
     (e.g. float32 rows of a memory map, only ever read), else a per-thread scratch copy."""
@@ -218,6 +232,7 @@ def _quantize_task(
     scale_out: np.ndarray | None,
     zero_out: np.ndarray | None,
     kernel: bool = True,
+    row_out: np.ndarray | None = None,
 ) -> list[ErrorStats]:
     """Quantize the rows ``xs`` (r, cols) into ``q_out``, storing their parameters in
     ``scale_out`` / ``zero_out`` ((r, units) views) unless ``tensor_p`` holds the tensor's;
@@ -226,22 +241,25 @@ def _quantize_task(
     The ranges and parameters of all the rows are found at once (a few dozen small numpy
     calls, paid once per task, not per block); then each block goes through the arithmetic of
     schemes.quantize_values and dequantize_values in place in a per-thread scratch block, so
-    that every pass reads and writes cache, not memory.
+    that every pass reads and writes cache, not memory. With ``spec.scale_bits`` the scales
+    are double-quantized and each row's float32 scale goes to ``row_out`` ((r,)).
     """
     with np.errstate():  # restores numpy's buffer size on the way out
         np.setbufsize(_bufsize(spec, xs.shape[1]))
         return _quantize_rows(xs, blocks, spec, cdt, tensor_p, q_out, scale_out, zero_out,
-                              kernel)
+                              kernel, row_out)
 
 
 def _quantize_rows(xs: np.ndarray, blocks: list[slice], spec: QuantSpec, cdt: np.dtype,
                    tensor_p: QParams | None, q_out: np.ndarray, scale_out: np.ndarray | None,
-                   zero_out: np.ndarray | None, kernel: bool = True) -> list[ErrorStats]:
+                   zero_out: np.ndarray | None, kernel: bool = True,
+                   row_out: np.ndarray | None = None) -> list[ErrorStats]:
     """The body of :func:`_quantize_task`, run with numpy's buffer size set for the rows
     (``kernel`` False: numpy even for float32 rows, e.g. float16 values widened by a caller)."""
     src = _kernel_source(xs, cdt) if kernel else None
     if src is not None:
-        return _quantize_rows_kernel(xs, src, blocks, spec, tensor_p, q_out, scale_out, zero_out)
+        return _quantize_rows_kernel(xs, src, blocks, spec, tensor_p, q_out, scale_out, zero_out,
+                                     row_out)
     r, cols = xs.shape
     x = _as_compute(xs, cdt)
     per_tensor = tensor_p is not None
@@ -250,7 +268,7 @@ def _quantize_rows(xs: np.ndarray, blocks: list[slice], spec: QuantSpec, cdt: np
         lo, hi = _ranges_or_nonfinite(x, spec)
         if spec.scheme == "symmetric-unsigned" and x.size and x.min() < 0:
             raise NegativeValuesError(float(x.min()))
-        p = qparams(lo, hi, spec)
+        p = _params(lo, hi, spec, row_out)
         scale_out[...] = p.scale.reshape(r, -1)
         zero_out[...] = p.zero_point.reshape(r, -1)
     else:
@@ -321,7 +339,8 @@ def _kernel_source(xs: np.ndarray, cdt: np.dtype) -> int | None:
 def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: QuantSpec,
                           tensor_p: QParams | None, q_out: np.ndarray,
                           scale_out: np.ndarray | None,
-                          zero_out: np.ndarray | None) -> list[ErrorStats]:
+                          zero_out: np.ndarray | None,
+                          row_out: np.ndarray | None = None) -> list[ErrorStats]:
     """:func:`_quantize_rows` through the C kernel: the same ranges (minmax in C, the other
     methods in numpy), the same qparams, and per block one call that quantizes, stores and
     sums the error statistics (float32 within chunks of 1024 values, float64 across them: the
@@ -347,7 +366,7 @@ def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: Q
             lowest = float(x.min()) if x.size else 0.0
         if spec.scheme == "symmetric-unsigned" and lowest < 0:
             raise NegativeValuesError(lowest)
-        p = qparams(lo, hi, spec)
+        p = _params(lo, hi, spec, row_out)
         scale_out[...] = p.scale.reshape(r, -1)
         zero_out[...] = p.zero_point.reshape(r, -1)
         stride = scale_out.shape[1]

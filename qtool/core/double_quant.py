@@ -166,8 +166,22 @@ def dequantize_dq(q: np.ndarray, dq: DQScales, group_size: int,
 
 def stored_bytes_dq(shape: tuple[int, ...], spec: QuantSpec) -> int:
     """Bytes of a tensor stored with double-quantized scales: the integers and zero points as
-    today (format_version 2), one byte per group scale code, one float32 per row."""
+    today (format_version 2), one byte per group scale code, one float32 per row (what
+    ``qtool.core.shapes.stored_bytes`` gives for ``scale_bits`` 8)."""
     rows, cols = rows_cols(shape)
     groups = -(-cols // spec.group_size)
     return (math.prod(stored_shape(shape, spec)) + rows * groups + rows * ROW_SCALE_ITEMSIZE
             + math.prod(zero_point_shape(shape, spec)))
+
+
+def codes_of(scale: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+    """The codes back from stored scales and their row scales (exact: a code <= 255 times a
+    float32 is within 2^-16 of the code); ValueError if ``scale`` is not such a product."""
+    codes = np.rint(np.asarray(scale, np.float64) /
+                    np.asarray(row_scale, np.float64)[:, None])
+    if codes.size and (codes.min() < 1 or codes.max() > CODE_MAX):
+        raise ValueError("scales are not 8-bit codes times their row scale")
+    codes = codes.astype(np.uint8)
+    if not np.array_equal(stored_scales(codes, row_scale), scale):
+        raise ValueError("scales are not 8-bit codes times their row scale")
+    return codes

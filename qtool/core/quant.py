@@ -53,6 +53,7 @@ class QTensor:
     shape: tuple[int, ...]
     spec: QuantSpec
     stats: ErrorStats
+    row_scale: np.ndarray | None = None  # float32 (rows,) with spec.scale_bits, else None
 
     def values(self) -> np.ndarray:
         """The integer q values, unpacked, in the tensor's original shape."""
@@ -82,6 +83,8 @@ class TensorQuantizer:
         pshape = param_shape(self.shape, spec)
         self.scale = np.empty(pshape, np.float32)
         self.zero_point = np.empty(pshape, np.int32)
+        # scale_bits 8: each row's float32 scale (self.scale holds code x row scale).
+        self.row_scale = np.empty(self.rows, np.float32) if spec.scale_bits else None
         self.stats = ErrorStats()
         self.block_rows = _block_rows(self.cols)
         # The C kernel reads float32 and bfloat16 tensors. A float16 tensor always takes the
@@ -177,6 +180,7 @@ class TensorQuantizer:
         spec, cdt = self.spec, self.cdt
         scale2d = None if tp is not None else self.scale.reshape(self.rows, -1)
         zero2d = None if tp is not None else self.zero_point.reshape(self.rows, -1)
+        row_scale = self.row_scale
 
         def task(blocks: list[slice]) -> list[ErrorStats]:
             a, b = blocks[0].start, blocks[-1].stop
@@ -184,7 +188,8 @@ class TensorQuantizer:
             return _quantize_task(
                 rows_of(rows.start, rows.stop), [slice(sl.start - a, sl.stop - a) for sl in blocks],
                 spec, cdt, tp, out[a:b], None if scale2d is None else scale2d[rows],
-                None if zero2d is None else zero2d[rows], self._kernel)
+                None if zero2d is None else zero2d[rows], self._kernel,
+                None if row_scale is None else row_scale[rows])
 
         for stats in mapper(task, _tasks(_blocks(n, self.cols), self.cols)):
             for s in stats:
@@ -212,7 +217,7 @@ def quantize(
         # A block counts only its own values; the message must give the whole tensor's count.
         raise NonFiniteError(int(np.count_nonzero(~np.isfinite(bf16.as_float(w2d, tq.cdt))))) \
             from None
-    return QTensor(data, tq.scale, tq.zero_point, tq.shape, spec, tq.stats)
+    return QTensor(data, tq.scale, tq.zero_point, tq.shape, spec, tq.stats, tq.row_scale)
 
 
 def quantize_fixed(

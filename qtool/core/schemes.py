@@ -46,6 +46,9 @@ class QuantSpec:
     range: str = "minmax"
     percentile: float = 99.99
     scale_dtype: str = "float32"
+    # 8: group scales stored as 8-bit codes x one float32 per row (qtool.core.double_quant);
+    # None: each scale stored in scale_dtype.
+    scale_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -80,6 +83,15 @@ class QuantSpec:
                             f"choose one of {', '.join(SCALE_DTYPES)}")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SpecError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if self.scale_bits is not None:
+            if type(self.scale_bits) is not int or self.scale_bits != 8:
+                raise SpecError(f"scale_bits must be 8 (or absent), got {self.scale_bits!r:.40}")
+            if self.granularity != "group" or self.scheme == "gnmt":
+                raise SpecError("scale_bits 8 stores group scales as 8-bit codes: it needs "
+                                "granularity group and a scheme other than gnmt")
+            if self.scale_dtype != "float32":
+                raise SpecError("scale_bits 8 stores one float32 scale per row: scale_dtype "
+                                f"must be float32, not {self.scale_dtype}")
 
     def with_(self, **changes: object) -> QuantSpec:
         return replace(self, **changes)
@@ -117,6 +129,8 @@ class QuantSpec:
             d["group_size"] = self.group_size
         if self.range == "percentile":
             d["percentile"] = self.percentile
+        if self.scale_bits is not None:
+            d["scale_bits"] = self.scale_bits
         return d
 
 

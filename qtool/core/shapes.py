@@ -59,10 +59,19 @@ def zero_point_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]
 def stored_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
     """Bytes a quantized tensor occupies (format_version 2): the integers, the scales in
     ``spec.scale_dtype`` and the zero points (one byte per stored item). Bits per weight is
-    ``8 * stored_bytes / numel``."""
-    return (math.prod(stored_shape(shape, spec))
-            + math.prod(param_shape(shape, spec)) * SCALE_ITEMSIZE[spec.scale_dtype]
+    ``8 * stored_bytes / numel``. With ``scale_bits`` 8 the scales are one byte each plus one
+    float32 per row (qtool.core.double_quant)."""
+    if spec.scale_bits is not None:
+        scales = math.prod(param_shape(shape, spec)) + 4 * row_scale_shape(shape)[0]
+    else:
+        scales = math.prod(param_shape(shape, spec)) * SCALE_ITEMSIZE[spec.scale_dtype]
+    return (math.prod(stored_shape(shape, spec)) + scales
             + math.prod(zero_point_shape(shape, spec)))
+
+
+def row_scale_shape(shape: tuple[int, ...]) -> tuple[int]:
+    """Shape of the per-row float32 scales of ``scale_bits`` 8: one per row."""
+    return (rows_cols(shape)[0],)
 
 
 def bits_per_weight(shape: tuple[int, ...], spec: QuantSpec) -> float:

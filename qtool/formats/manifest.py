@@ -17,7 +17,7 @@ from qtool import __version__
 from qtool.core.metrics import ErrorStats
 from qtool.core.scales import SCALE_CODES
 from qtool.core.schemes import QuantSpec, SpecError
-from qtool.core.shapes import param_shape, stored_shape, zero_point_shape
+from qtool.core.shapes import param_shape, row_scale_shape, stored_shape, zero_point_shape
 from qtool.formats import digest as _digest
 from qtool.formats._common import (
     _INTP_LIMIT,
@@ -30,12 +30,16 @@ from qtool.formats._common import (
 )
 
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Written instead of 2 when a tensor has scale_bits 8, so that a qtool that reads only 1 and 2
+# refuses the artifact by its version instead of misreading its scale codes.
+SCALE_BITS_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 """Version 1 recorded SHA-256 file digests and had no manifest digest, F32 scales and I32
 zero points of param_shape for every quantized tensor; it stays readable. Version 2: BLAKE3
 digests and a manifest digest; scales in the spec's scale_dtype, zero points U8 of
 zero_point_shape (0-d for the symmetric schemes, bit-packed below 8 bits), safetensors files
-marked as qtool's (docs/FORMAT.md)."""
+marked as qtool's (docs/FORMAT.md). Version 3: version 2, plus tensors with ``scale_bits`` 8
+(group scales as U8 codes, one F32 scale per row in ``<stem>.row_scale.safetensors``)."""
 
 # The main file's __metadata__ (format_version 2): "format" is "qtool", so that model loaders
 # (which expect "pt", "tf", "flax" or "np") refuse it, and the source's own metadata is kept,
@@ -67,6 +71,17 @@ def sidecar_names(shard_name: str) -> tuple[str, str]:
     """(scale file, zero-point file) for a shard file name."""
     stem = stem_of(shard_name)
     return f"{stem}.scale.safetensors", f"{stem}.zero_point.safetensors"
+
+
+def row_scale_name(shard_name: str) -> str:
+    """The file of the per-row float32 scales of ``scale_bits`` 8 tensors (format_version 3);
+    it exists only for a shard holding such a tensor."""
+    return f"{stem_of(shard_name)}.row_scale.safetensors"
+
+
+def uses_row_scales(records: list[TensorRecord], shard: str) -> bool:
+    return any(t.file == shard and t.spec is not None and t.spec.scale_bits is not None
+               for t in records)
 
 
 @dataclass
@@ -107,9 +122,16 @@ class TensorRecord:
 
     @property
     def scale_code(self) -> str:
-        """dtype code of the stored scales: F32 in version 1, the spec's scale_dtype after."""
+        """dtype code of the stored scales: F32 in version 1, the spec's scale_dtype after,
+        U8 codes with scale_bits 8 (their row scales are F32, in the row-scale file)."""
         assert self.spec is not None
+        if self.spec.scale_bits is not None:
+            return "U8"
         return "F32" if self.format_version == 1 else SCALE_CODES[self.spec.scale_dtype]
+
+    @property
+    def row_scale_shape(self) -> tuple[int, ...]:
+        return row_scale_shape(self.shape)
 
     @property
     def zero_point_code(self) -> str:
@@ -185,6 +207,10 @@ class TensorRecord:
                 spec_keys.append("scale_dtype")  # it sets the sidecars' layout
             elif "scale_dtype" in d:
                 raise ValueError("scale_dtype is not part of format_version 1")
+            if "scale_bits" in d:
+                if version < SCALE_BITS_VERSION:
+                    raise ValueError(f"scale_bits is not part of format_version {version}")
+                spec_keys.append("scale_bits")
             missing = [k for k in spec_keys if k not in d]
             if missing:
                 raise KeyError(missing[0])

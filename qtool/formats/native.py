@@ -9,6 +9,7 @@ See docs/FORMAT.md. For every input shard ``<stem>.safetensors`` the artifact di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from qtool.formats.manifest import (
     Manifest,
     TensorRecord,
     is_plain_name,
+    row_scale_name,
     sidecar_names,
+    uses_row_scales,
 )
 from qtool.formats.safeio import open_regular, read_capped, regular_problem, stat_in
 from qtool.formats.safetensors import SafetensorsFile
@@ -97,7 +100,7 @@ class Artifact:
         for shard, records in by_file.items():
             scale_name, zp_name = sidecar_names(shard)
             with self.open_file(shard) as main, self.open_file(scale_name) as sc, \
-                    self.open_file(zp_name) as zp:
+                    self.open_file(zp_name) as zp, self._row_scales(shard) as rs:
                 for t in records:
                     if t.name not in main:
                         raise ArtifactError(f"{main.path}: tensor {t.name!r} is missing")
@@ -113,8 +116,12 @@ class Artifact:
                         )
                     if not t.quantized:
                         continue
-                    for side, dt, shp in ((sc, t.scale_code, t.param_shape),
-                                          (zp, t.zero_point_code, t.zero_point_shape)):
+                    sides = [(sc, t.scale_code, t.param_shape),
+                             (zp, t.zero_point_code, t.zero_point_shape)]
+                    if t.spec is not None and t.spec.scale_bits is not None:
+                        sides.append((rs, "F32", t.row_scale_shape))
+                    for side, dt, shp in sides:
+                        assert side is not None
                         if t.name not in side:
                             raise ArtifactError(f"{side.path}: tensor {t.name!r} is missing")
                         si = side[t.name]
@@ -125,6 +132,12 @@ class Artifact:
                             )
         if self.manifest.index is not None:
             self.read_index()
+
+    def _row_scales(self, shard: str) -> contextlib.AbstractContextManager:
+        """The shard's row-scale file, open (a context), or None when no tensor uses it."""
+        if uses_row_scales(self.manifest.tensors, shard):
+            return self.open_file(row_scale_name(shard))
+        return contextlib.nullcontext()
 
     def read_index(self) -> tuple[dict[str, Any], dict[str, str]]:
         """The index of a sharded artifact as ``(metadata, weight_map)``, after checking that
@@ -158,6 +171,8 @@ class Artifact:
         names: list[str] = []
         for shard in self.manifest.shards:
             names += [shard, *sidecar_names(shard)]
+            if uses_row_scales(self.manifest.tensors, shard):
+                names.append(row_scale_name(shard))
         if self.manifest.index is not None:
             names.append(self.manifest.index)
         return names
@@ -231,7 +246,8 @@ class Artifact:
             records = [t for t in self.manifest.tensors if t.file == shard]
             opened: list[SafetensorsFile | None] = []
             try:
-                for name in (shard, *sidecar_names(shard)):
+                rs = [row_scale_name(shard)] if uses_row_scales(records, shard) else []
+                for name in (shard, *sidecar_names(shard), *rs):
                     try:
                         opened.append(self.open_file(name))
                     except CheckpointError as e:
@@ -261,21 +277,25 @@ def verify(root: str | Path) -> list[str]:
 
 
 def _shard_problems(records: list[TensorRecord], main: SafetensorsFile | None,
-                    sc: SafetensorsFile | None, zp: SafetensorsFile | None) -> list[str]:
+                    sc: SafetensorsFile | None, zp: SafetensorsFile | None,
+                    rs: SafetensorsFile | None = None) -> list[str]:
     problems: list[str] = []
     quantized = {t.name for t in records if t.quantized}
-    for f, allowed in ((main, {t.name for t in records}), (sc, quantized), (zp, quantized)):
+    coded = {t.name for t in records if t.spec is not None and t.spec.scale_bits is not None}
+    for f, allowed in ((main, {t.name for t in records}), (sc, quantized), (zp, quantized),
+                       (rs, coded)):
         extra = [] if f is None else [n for n in f.keys() if n not in allowed]
         if extra:
             problems.append(f"{f.path}: {len(extra)} tensor(s) the manifest does not list "
                             f"there, first {extra[0]!r:.80}")
     for t in records:
-        problems += _tensor_problems(t, main, sc, zp)
+        problems += _tensor_problems(t, main, sc, zp, rs)
     return problems
 
 
 def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
-                     sc: SafetensorsFile | None, zp: SafetensorsFile | None) -> list[str]:
+                     sc: SafetensorsFile | None, zp: SafetensorsFile | None,
+                     rs: SafetensorsFile | None = None) -> list[str]:
     problems: list[str] = []
     q = None
     if main is not None:
@@ -293,8 +313,11 @@ def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
         return problems
     spec = t.spec
     sides: dict[str, np.ndarray] = {}
-    for side, dt, shp, what in ((sc, t.scale_code, t.param_shape, "scale"),
-                                (zp, t.zero_point_code, t.zero_point_shape, "zero point")):
+    checks = [(sc, t.scale_code, t.param_shape, "scale"),
+              (zp, t.zero_point_code, t.zero_point_shape, "zero point")]
+    if spec.scale_bits is not None:  # the scales are U8 codes (>= 1), times F32 row scales
+        checks.append((rs, "F32", t.row_scale_shape, "row scale"))
+    for side, dt, shp, what in checks:
         if side is None:
             continue
         if t.name not in side:
@@ -306,12 +329,14 @@ def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
                             f"expected {dt} {list(shp)}")
             continue
         sides[what] = side.read(si)
-    if "scale" in sides:
-        s = scale_to_float32(sides["scale"], spec.scale_dtype)
+    for what, f in (("scale", sc), ("row scale", rs)):
+        if what not in sides:
+            continue
+        s = scale_to_float32(sides[what], spec.scale_dtype)
         bad = s.size - int(np.count_nonzero(np.isfinite(s) & (s > 0)))
         if bad:
-            problems.append(f"{sc.path if sc else ''}: tensor {t.name!r}: {bad} of {s.size} "
-                            "scales are not finite and > 0")
+            problems.append(f"{f.path if f else ''}: tensor {t.name!r}: {bad} of {s.size} "
+                            f"{what}s are not finite and > 0")
     if "zero point" in sides:
         z = sides["zero point"]
         if t.format_version >= 2:

@@ -13,14 +13,24 @@ from typing import Any
 
 import numpy as np
 
+from qtool.core.double_quant import codes_of
 from qtool.core.scales import SCALE_CODES, scale_to_stored
-from qtool.core.shapes import param_shape, stored_shape, zero_point_shape, zero_point_to_stored
+from qtool.core.shapes import (
+    param_shape,
+    row_scale_shape,
+    stored_shape,
+    zero_point_shape,
+    zero_point_to_stored,
+)
 from qtool.formats import digest as _digest
 from qtool.formats.manifest import (
+    FORMAT_VERSION,
     MANIFEST,
+    SCALE_BITS_VERSION,
     SOURCE_METADATA_KEY,
     Manifest,
     TensorRecord,
+    row_scale_name,
     sidecar_names,
 )
 from qtool.formats.registry import OutTensor, PlannedTensor
@@ -61,16 +71,19 @@ class NativeSink:
         self._close_shard()
         name = shard.name
         scale_name, zp_name = sidecar_names(name)
-        main_entries, side_entries = [], []
+        main_entries, side_entries, row_entries = [], [], []
         for t in tensors:
             if t.spec is None:
                 main_entries.append((t.info.name, t.info.dtype, t.info.shape))
-            else:
-                main_entries.append((t.info.name, quantized_code(t),
-                                     stored_shape(t.info.shape, t.spec)))
-                side_entries.append((t.info.name, SCALE_CODES[t.spec.scale_dtype],
-                                     param_shape(t.info.shape, t.spec),
-                                     zero_point_shape(t.info.shape, t.spec)))
+                continue
+            main_entries.append((t.info.name, quantized_code(t),
+                                 stored_shape(t.info.shape, t.spec)))
+            coded = t.spec.scale_bits is not None  # U8 codes, and F32 row scales
+            side_entries.append((t.info.name, "U8" if coded else SCALE_CODES[t.spec.scale_dtype],
+                                 param_shape(t.info.shape, t.spec),
+                                 zero_point_shape(t.info.shape, t.spec)))
+            if coded:
+                row_entries.append((t.info.name, "F32", row_scale_shape(t.info.shape)))
         # The main file is the large one: a thread writes and hashes it behind the compute.
         self._writers = (
             SafetensorsWriter(self.root / name, main_entries, marked_metadata(metadata),
@@ -81,10 +94,14 @@ class NativeSink:
                               [(n, ZERO_POINT_CODE, z) for n, _, _, z in side_entries], MARK),
         )
         self._names = (name, scale_name, zp_name)
+        if row_entries:  # only a shard with a scale_bits tensor has the row-scale file
+            self._writers += (SafetensorsWriter(self.root / row_scale_name(name), row_entries,
+                                                MARK),)
+            self._names += (row_scale_name(name),)
         self.shards.append(name)
 
     def write(self, tensor: OutTensor) -> int:
-        main_w, scale_w, zp_w = self._writers
+        main_w, scale_w, zp_w = self._writers[:3]
         name = tensor.info.name
         pieces = 0
         for arr, release in tensor.chunks:
@@ -96,13 +113,21 @@ class NativeSink:
             return tensor.info.nbytes
         assert tensor.scale is not None and tensor.zero_point is not None
         spec, shape = tensor.spec, tensor.info.shape
-        # bfloat16 scales are uint16 bit patterns: written as their raw bytes.
-        scale = scale_to_stored(tensor.scale, spec.scale_dtype).view(np.uint8)
+        row = b""
+        if spec.scale_bits is not None:
+            # The quantizer used code x row scale (float32): the codes come back exactly.
+            assert tensor.row_scale is not None
+            scale = codes_of(tensor.scale.reshape(len(tensor.row_scale), -1), tensor.row_scale)
+            row = np.ascontiguousarray(tensor.row_scale, np.float32).view(np.uint8)
+            self._writers[3].write(name, row)
+        else:
+            # bfloat16 scales are uint16 bit patterns: written as their raw bytes.
+            scale = scale_to_stored(tensor.scale, spec.scale_dtype).view(np.uint8)
         zero = zero_point_to_stored(tensor.zero_point, shape, spec)
         scale_w.write(name, scale)
         zp_w.write(name, zero)
         stored = math.prod(stored_shape(shape, spec))  # one byte per item
-        return stored + scale.nbytes + zero.nbytes
+        return stored + scale.nbytes + zero.nbytes + len(row)
 
     def _close_shard(self) -> None:
         for w, fname in zip(self._writers, self._names, strict=True):
@@ -119,8 +144,10 @@ class NativeSink:
             (self.root / index_name).write_bytes(data)
             self.files[index_name] = {"size": len(data),
                                       _digest.DEFAULT: _digest.of_bytes(data, _digest.DEFAULT)}
+        coded = any(r.spec is not None and r.spec.scale_bits is not None for r in records)
         manifest = Manifest(source=source, tensors=records, files=self.files,
-                            shards=self.shards, index=index_name)
+                            shards=self.shards, index=index_name,
+                            format_version=SCALE_BITS_VERSION if coded else FORMAT_VERSION)
         (self.root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
 
     def abort(self) -> None:
@@ -136,4 +163,8 @@ def _index_bytes(records: list[TensorRecord], metadata: dict | None) -> bytes:
     zp_map = {r.name: sidecar_names(r.file)[1] for r in records if r.quantized}
     doc = {"metadata": metadata or {}, "weight_map": weight_map,
            "scale_map": scale_map, "zero_point_map": zp_map}
+    rs_map = {r.name: row_scale_name(r.file) for r in records
+              if r.spec is not None and r.spec.scale_bits is not None}
+    if rs_map:  # format_version 3: where the row scales of scale_bits tensors live
+        doc["row_scale_map"] = rs_map
     return (json.dumps(doc, indent=2) + "\n").encode()

@@ -13,13 +13,16 @@ from typing import Any
 
 import numpy as np
 
+from qtool.core.double_quant import stored_scales
 from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats.manifest import (
     SOURCE_METADATA_KEY,
     ArtifactError,
     Manifest,
     TensorRecord,
+    row_scale_name,
     sidecar_names,
+    uses_row_scales,
 )
 from qtool.formats.native import Artifact
 from qtool.formats.registry import InTensor
@@ -34,8 +37,13 @@ class NativeShard:
         try:
             self.scale = art.open_file(scale_name)
             self.zero_point = art.open_file(zp_name)
+            self.row_scale = art.open_file(row_scale_name(shard)) \
+                if uses_row_scales(art.manifest.tensors, shard) else None
         except BaseException:
             self.main.close()
+            for f in ("scale", "zero_point"):
+                if hasattr(self, f):
+                    getattr(self, f).close()
             raise
         self.metadata = source_metadata(self.main.metadata, art.manifest.format_version,
                                         str(self.main.path))
@@ -54,11 +62,19 @@ class NativeShard:
         zero = self.zero_point.read(record.name)
         if record.format_version >= 2:
             zero = zero_point_from_stored(zero, record.shape, record.spec)
-        return InTensor(record, rows_of, self.scale.read(record.name), zero, main, info)
+        scale = self.scale.read(record.name)
+        if record.spec.scale_bits is not None:
+            # U8 codes x the row's F32 scale, multiplied in float32: the scales quantize used;
+            # from here on the tensor reads like one with float32 scales.
+            assert self.row_scale is not None
+            rows_s = self.row_scale.read(record.name)
+            scale = stored_scales(scale.reshape(len(rows_s), -1), rows_s).reshape(scale.shape)
+        return InTensor(record, rows_of, scale, zero, main, info)
 
     def close(self) -> None:
-        for f in (self.main, self.scale, self.zero_point):
-            f.close()
+        for f in (self.main, self.scale, self.zero_point, self.row_scale):
+            if f is not None:
+                f.close()
 
     def __enter__(self) -> NativeShard:
         return self

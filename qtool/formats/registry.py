@@ -52,6 +52,7 @@ class OutTensor:
     scale: np.ndarray | None = None
     zero_point: np.ndarray | None = None
     stats: ErrorStats = field(default_factory=ErrorStats)
+    row_scale: np.ndarray | None = None  # float32 (rows,) with spec.scale_bits 8
 
 
 @dataclass(frozen=True)

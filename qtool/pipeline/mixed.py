@@ -120,6 +120,8 @@ def exact_rule(name: str, spec: QuantSpec, origin: str) -> Rule:
     if spec.range == "percentile":
         settings["percentile"] = float(spec.percentile)
     settings["scale_dtype"] = spec.scale_dtype  # as resolved for the tensor ("auto" is not)
+    if spec.scale_bits is not None:
+        settings["scale_bits"] = spec.scale_bits
     # \Z, not $: "$" also matches before a trailing newline, and names may hold one.
     return Rule(match="re:^" + re.escape(name) + "\\Z", settings=tuple(settings.items()),
                 origin=origin)

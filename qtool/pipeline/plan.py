@@ -126,7 +126,12 @@ def decide(info: TensorInfo, opts: QuantizeOptions) -> tuple[QuantSpec | None, s
             except (SpecError, TypeError) as e:
                 raise SpecError(f"{rule.label} on tensor {info.name!r}: {e}") from None
             break
-    return spec.with_(scale_dtype=resolve_scale_dtype(scale_dtype, info.dtype)), None
+    if spec.scale_bits is not None and scale_dtype == "auto":
+        scale_dtype = "float32"  # the one float per row of 8-bit scale codes is float32
+    try:
+        return spec.with_(scale_dtype=resolve_scale_dtype(scale_dtype, info.dtype)), None
+    except SpecError as e:
+        raise SpecError(f"tensor {info.name!r}: {e}") from None
 
 
 def make_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Plan:

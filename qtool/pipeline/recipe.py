@@ -10,6 +10,7 @@
     group_size = 64
     range = "mse"
     scale_dtype = "float16"   # auto (the default), float32, float16 or bfloat16
+    # scale_bits = 8          # group scales as 8-bit codes x one float32 per row; 0: off
 
 The first rule whose ``match`` fits a tensor's name decides its settings; keys a rule leaves
 out come from the command line (``pipeline.decide`` applies the rules). This module only
@@ -48,6 +49,7 @@ SETTING_KEYS: dict[str, tuple[type, ...]] = {
     "range": (str,),
     "percentile": (int, float),
     "scale_dtype": (str,),
+    "scale_bits": (int,),
 }
 RULE_KEYS = ("match", "skip", *SETTING_KEYS)
 _CHOICES = {"scheme": SCHEMES, "granularity": GRANULARITIES, "range": RANGE_METHODS,
@@ -84,6 +86,10 @@ def _check_value(where: str, key: str, value: object) -> None:
             f"{where}: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}"
         )
     if key == "scale_dtype":  # "auto" is resolved per tensor, not a QuantSpec value
+        return
+    if key == "scale_bits":  # 8: codes x a float32 per row; 0: scales in scale_dtype
+        if value not in (0, 8):
+            raise RecipeError(f"{where}: scale_bits must be 8 or 0 (off), got {value!r}")
         return
     try:
         # QuantSpec holds the range checks (bits 2..8, group_size >= 1, percentile in
@@ -127,12 +133,16 @@ def parse_rule(raw: object, where: str) -> Rule:
         # Settings that contradict each other within the rule (scheme gnmt with bits 4) are
         # caught here; ones that contradict the command line are caught per tensor by decide.
         try:
+            # scale_dtype and scale_bits depend on the tensor and the command line: decide()
+            # checks them per tensor.
             QuantSpec(**{k: v for k, v in settings.items()  # type: ignore[arg-type]
-                         if k != "scale_dtype"})
+                         if k not in ("scale_dtype", "scale_bits")})
         except SpecError as e:
             raise RecipeError(f"{where}: {e}") from None
     if "percentile" in settings:
         settings["percentile"] = float(settings["percentile"])  # type: ignore[arg-type]
+    if settings.get("scale_bits") == 0:
+        settings["scale_bits"] = None  # type: ignore[assignment]
     return Rule(match=match, skip=bool(skip), settings=tuple(settings.items()), origin=where)
 
 

@@ -20,7 +20,7 @@ from qtool.core.blocks import Mapper
 from qtool.core.quant import TensorQuantizer
 from qtool.core.schemes import QuantSpec
 from qtool.formats._common import DTYPES, PAGE, CheckpointError, TensorInfo
-from qtool.formats.manifest import MANIFEST, sidecar_names
+from qtool.formats.manifest import MANIFEST, row_scale_name, sidecar_names
 from qtool.formats.registry import Chunk, OutTensor
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint
@@ -201,6 +201,7 @@ def quantized_chunks(sf: SafetensorsFile, info: TensorInfo, spec: QuantSpec, buf
             f"{sf.path}: tensor {info.name!r} {scale_overflow(spec)} (absmax "
             f"{_absmax(sf, info):.4g}); --skip it to keep it in float")
     out.scale, out.zero_point, out.stats = tq.scale, tq.zero_point, tq.stats
+    out.row_scale = tq.row_scale
 
 
 def _check_output_names(ckpt: Checkpoint) -> None:
@@ -211,7 +212,7 @@ def _check_output_names(ckpt: Checkpoint) -> None:
     if ckpt.index_path is not None:
         owner[ckpt.index_path.name] = ckpt.index_path
     for shard in ckpt.shards:
-        for name in (shard.name, *sidecar_names(shard.name)):
+        for name in (shard.name, *sidecar_names(shard.name), row_scale_name(shard.name)):
             if name in owner:
                 raise CheckpointError(
                     f"{ckpt.index_path or shard}: shard {shard} would be written as {name}, "

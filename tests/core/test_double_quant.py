@@ -142,3 +142,58 @@ def test_properties(w, scheme, bits, g, rng):
     # zeros restore exactly (asymmetric includes 0 in every range)
     if scheme == "asymmetric":
         assert np.all(w_hat[w == 0] == 0)
+
+
+@pytest.fixture(params=["kernel", "numpy"])
+def path(request, monkeypatch):
+    import qtool.core.blocks as blocks
+
+    if request.param == "numpy":
+        monkeypatch.setattr(blocks, "_kernels", None)
+    return request.param
+
+
+@pytest.mark.parametrize("rng", ["minmax", "search"])
+@pytest.mark.parametrize("shape, g", [((300, 1000), 32), ((7, 45), 16), ((3, 2, 10), 4)])
+def test_the_quantizer_with_scale_bits_is_the_prototype(path, rng, shape, g):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.core.quant import dequantize, quantize
+    from qtool.core.shapes import stored_bytes
+
+    w = (np.random.default_rng(3).standard_t(3, shape) * 0.02).astype(np.float32)
+    spec = QuantSpec("asymmetric", 4, "group", g, range=rng, scale_bits=8)
+    with ThreadPoolExecutor(2) as pool:
+        t = quantize(w, spec, pool.map)
+    q, dq = quantize_dq(w, spec)
+    rows = shape[0]
+    np.testing.assert_array_equal(t.values().reshape(rows, -1), q)
+    np.testing.assert_array_equal(t.scale, dq.scale)
+    np.testing.assert_array_equal(t.row_scale, dq.row_scale)
+    np.testing.assert_array_equal(t.zero_point, dq.zero_point)
+    w_hat = dequantize(t.data, t.scale, t.zero_point, t.shape, spec, np.float32)
+    np.testing.assert_array_equal(w_hat.reshape(rows, -1), dequantize_dq(q, dq, g))
+    assert stored_bytes(shape, spec) == stored_bytes_dq(shape, spec)
+
+
+def test_codes_of_recovers_the_codes_and_refuses_other_scales():
+    from qtool.core.double_quant import codes_of
+
+    codes = np.array([[1, 200, 255], [3, 4, 5]], np.uint8)
+    d = np.array([1e-3, 7.5], np.float32)
+    np.testing.assert_array_equal(codes_of(stored_scales(codes, d), d), codes)
+    with pytest.raises(ValueError, match="not 8-bit codes"):
+        codes_of(np.array([[0.0015]], np.float32), np.array([1e-3], np.float32))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"scale_bits": 4, "granularity": "group"}, "scale_bits must be 8"),
+    ({"scale_bits": 8}, "needs granularity group"),
+    ({"scale_bits": 8, "scheme": "gnmt", "granularity": "group"}, "other than gnmt"),
+    ({"scale_bits": 8, "granularity": "group", "scale_dtype": "bfloat16"}, "must be float32"),
+])
+def test_spec_validation(kw, message):
+    from qtool.core.schemes import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        QuantSpec(**kw)
