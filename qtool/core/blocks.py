@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from qtool.core import bf16, packing
-from qtool.core.double_quant import double_quantize
+from qtool.core.double_quant import unit_qparams as _params
 from qtool.core.metrics import ErrorStats
 from qtool.core.ranges import find_range, minmax_ranges
-from qtool.core.schemes import QParams, QuantSpec, qparams
+from qtool.core.schemes import QParams, QuantSpec
 from qtool.core.shapes import compute_dtype, n_groups
 
 # The optional C accelerator (qtool/core/_kernels.c): the same integers, scales and zero points as
@@ -192,19 +192,6 @@ def _ranges_or_nonfinite(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np
         if bad:
             raise NonFiniteError(bad) from None
         raise
-
-
-def _params(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec,
-            row_out: np.ndarray | None) -> QParams:
-    """qparams of (r, units) ranges; with ``spec.scale_bits`` the double-quantized scales
-    (codes x one float32 per row, the stored product: see core/double_quant.py), the row
-    scales written to ``row_out``."""
-    if spec.scale_bits is None:
-        return qparams(lo, hi, spec)
-    assert row_out is not None
-    dq = double_quantize(lo, hi, spec)
-    row_out[...] = dq.row_scale
-    return QParams(dq.scale, dq.zero_point)
 
 
 def _as_compute(xs: np.ndarray, cdt: np.dtype) -> np.ndarray:

@@ -31,6 +31,7 @@ from qtool.core.schemes import (
     QParams,
     QuantSpec,
     dequantize_values,
+    qparams,
     quantize_values,
 )
 from qtool.core.shapes import rows_cols, stored_shape, zero_point_shape
@@ -117,6 +118,19 @@ def double_quantize(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> DQScales
     else:
         zp = np.zeros(lo.shape, np.int32)
     return DQScales(codes, d, zp)
+
+
+def unit_qparams(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec,
+                 row_out: np.ndarray | None) -> QParams:
+    """The quantizer's parameters of (r, units) ranges: ``qparams``, or with
+    ``spec.scale_bits`` the double-quantized scales (the stored products), the row scales
+    written to ``row_out`` ((r,))."""
+    if spec.scale_bits is None:
+        return qparams(lo, hi, spec)
+    assert row_out is not None
+    dq = double_quantize(lo, hi, spec)
+    row_out[...] = dq.row_scale
+    return QParams(dq.scale, dq.zero_point)
 
 
 def _per_column(p: np.ndarray, cols: int, group_size: int) -> np.ndarray:
