@@ -7,8 +7,9 @@ The checkpoint (bench/_data/heavy/): one Llama-like layer at hidden 512 / MLP 14
 embedding of 1024 rows, 3.7M weights, Student-t draws whose tail weight differs per tensor kind
 (attention q/k nu=3, v/o nu=6, MLP nu=4, embedding nu=5) with a log-normal scale per row, as
 trained weights have. Bits per weight are the lean-artifact definition
-(``qtool.core.shapes.stored_bytes``: integers, float32 scales, zero points); SQNR is measured
-on the file `qtool dequantize` restores, read back with the safetensors library.
+(``qtool.core.shapes.stored_bytes``: integers, scales as stored, zero points); SQNR is
+measured on the file `qtool dequantize` restores, read back with the safetensors library
+(the double-quantization comparison: in memory, plus two rows through the CLI).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def heavy_checkpoint(path: Path, shapes: dict[str, tuple]) -> Path:
 
 
 def spec_of(rec: dict) -> QuantSpec:
-    keys = ("scheme", "bits", "granularity", "group_size", "range", "percentile")
+    keys = ("scheme", "bits", "granularity", "group_size", "range", "percentile",
+            "scale_dtype", "scale_bits")
     return QuantSpec(**{k: rec[k] for k in keys if k in rec})
 
 
@@ -176,7 +178,8 @@ def mixed_cost(src: Path, work: Path, run: Callable[[list[str]], float],
            mixed <= 4 * plain)
 
 
-def double_quantization(src: Path, target: Callable[[str, bool], None]) -> None:
+def double_quantization(src: Path, work: Path, run: Callable[[list[str]], float],
+                        target: Callable[[str, bool], None]) -> None:
     """Issue 13 section 3: group scales as 8-bit codes x one float32 per row (double
     quantization, qtool.core.double_quant) against plain float16 scales, at near-equal bits
     per weight (sidecars included), minmax and search ranges, 4 and 3 bits asymmetric. In
@@ -217,7 +220,8 @@ def double_quantization(src: Path, target: Callable[[str, bool], None]) -> None:
         return g
 
     print("double quantization of group scales (8-bit codes x one float32 per row) against "
-          "float16 scales, asymmetric, same checkpoint, in memory:")
+          "float16 scales, asymmetric, same checkpoint, in memory (4-bit g32 also through the "
+          "CLI):")
     print(f"  {'setting':62s} {'bits/w':>7s} {'SQNR dB':>8s} {'worst dB':>9s}")
     verdicts = []
     for bits in (4, 3):
@@ -239,6 +243,18 @@ def double_quantization(src: Path, target: Callable[[str, bool], None]) -> None:
                 d = row(g, True)
                 pairs.append((d, row(matched(bits, d[0]), False, " (bits >= the row above)")))
             verdicts.append((bits, rng, pairs))
+            if bits == 4:  # the same through the CLI, measured on the files it writes
+                art = work / "acc-dq"
+                run(["quantize", str(src), str(art), "-q", "--force", "--scheme", "asymmetric",
+                     "--bits", "4", "-g", "group", "--group-size", "32", "--range", rng,
+                     "--scale-bits", "8"])
+                bpw, db, worst = measure(src, art, work / "acc-dq.safetensors", run)
+                print(f"  {f'4-bit g32 {rng}, qtool quantize --scale-bits 8 (files)':62s} "
+                      f"{bpw:7.3f} {db:8.2f} {worst:9.2f}")
+                proto = pairs[1][0]
+                target(f"--scale-bits 8 end to end (4-bit g32 {rng}) is the measured prototype: "
+                       f"{db:.2f} dB at {bpw:.3f} bits/w",
+                       abs(db - proto[1]) < 0.005 and abs(bpw - proto[0]) < 1e-9)
     wins = 0
     for bits, rng, pairs in verdicts:
         line, won = dq_verdict(bits, rng, pairs)

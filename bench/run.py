@@ -613,7 +613,7 @@ def main() -> None:
     heavy = accuracy.heavy_checkpoint(DATA / "heavy" / "model.safetensors",
                                       llama_shapes(512, 1408, 1, 1024))
     accuracy.weight_space(heavy, work, run_qtool, target)
-    accuracy.double_quantization(heavy, target)
+    accuracy.double_quantization(heavy, work, run_qtool, target)
     accuracy.mixed_cost(paths["fp32"], work, run_qtool, target)
     print()
 
