@@ -136,14 +136,14 @@ def ensure_checkpoints() -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- measuring
 
-# Runs qtool's entry point (what the `qtool` script runs) and writes the process's own peak
-# resident set (VmHWM) to a file. A child's ru_maxrss would not do: Linux folds the parent's
-# peak at the fork into it.
+# Runs qtool's entry point (qtool.entry.main, what the `qtool` script runs) and writes the
+# process's own peak resident set (VmHWM) to a file. A child's ru_maxrss would not do: Linux
+# folds the parent's peak at the fork into it.
 _PEAK = """
 import os, sys
 sys.argv = ["qtool", *sys.argv[1:]]
 try:
-    from qtool.cli import main
+    from qtool.entry import main
     main()
 finally:
     with open("/proc/self/status") as f:
