@@ -4,6 +4,7 @@ as a user runs qtool; the times themselves are measured by `make bench`."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,32 @@ def test_bfloat16_quantize_and_restore_without_ml_dtypes(tmp_path):
 def test_version_imports_neither_click_nor_numpy_nor_rich(tmp_path):
     names = _imported(["--version"], tmp_path)
     assert not names & {"click", "numpy", "rich", "ml_dtypes", "blake3"}, names
+
+
+def test_qtool_command_runs_openblas_on_one_thread_unless_told(tmp_path):
+    # The `qtool` command asks OpenBLAS for one thread before numpy starts its pool (a
+    # spinning thread per core otherwise); OPENBLAS_NUM_THREADS set by the user wins.
+    save_file({"w": np.ones((4, 8), np.float32)}, str(tmp_path / "m.safetensors"))
+    script = (
+        "import sys\n"
+        "sys.argv = ['qtool', 'quantize', 'm.safetensors', sys.argv[1], '-q']\n"
+        "from qtool.entry import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "from qtool.pipeline.streams import _openblas_thread_controls\n"
+        "controls = _openblas_thread_controls()\n"
+        "assert controls\n"
+        "print(sorted({get() for get, _ in controls}))\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script, "a"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[1]"
+    out = subprocess.run([sys.executable, "-c", script, "b"], cwd=tmp_path,
+                         env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[2]"
+    assert (tmp_path / "a" / "qtool.json").is_file() and (tmp_path / "b" / "qtool.json").is_file()
