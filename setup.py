@@ -12,5 +12,6 @@ from setuptools import Extension, setup
 # does (the results must be bit-identical to the numpy path). Never -ffast-math.
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
 
-setup(ext_modules=[Extension("qtool.core._kernels", ["qtool/core/_kernels.c"], optional=True,
-                             extra_compile_args=FLAGS)])
+SOURCES = ["qtool/core/_kernels.c", "qtool/core/_fit.c"]
+setup(ext_modules=[Extension("qtool.core._kernels", SOURCES, depends=["qtool/core/_kernels.h"],
+                             optional=True, extra_compile_args=FLAGS)])

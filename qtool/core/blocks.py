@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from qtool.core import bf16, packing
+from qtool.core import bf16, fit_kernel, packing
 from qtool.core.double_quant import unit_qparams as _params
 from qtool.core.metrics import ErrorStats
 from qtool.core.ranges import find_range, minmax_ranges
@@ -338,6 +338,7 @@ def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: Q
     g = spec.group_size if spec.granularity == "group" else cols
     if tensor_p is None:
         assert scale_out is not None and zero_out is not None
+        fit = None
         if spec.range == "minmax":
             units = n_groups(cols, spec)
             mn = np.empty((r, units), np.float32)
@@ -347,13 +348,17 @@ def _quantize_rows_kernel(xs: np.ndarray, src: int, blocks: list[slice], spec: Q
                     _as_compute(xs, np.dtype(np.float32))))))
             lowest = float(mn.min()) if mn.size else 0.0
             lo, hi = minmax_ranges(mn.astype(np.float64), mx.astype(np.float64), spec)
+        elif spec.range == "search" and (got := fit_kernel.fit_units(_kernels, raw, src, r, cols,
+                                                                     g, spec)) is not None:
+            fit, lowest, lo, hi = got  # fit.py's fit in C (None on NaN: numpy counts them)
         else:
             x = _as_compute(xs, np.dtype(np.float32))
             lo, hi = _ranges_or_nonfinite(x, spec)
             lowest = float(x.min()) if x.size else 0.0
         if spec.scheme == "symmetric-unsigned" and lowest < 0:
             raise NegativeValuesError(lowest)
-        p = _params(lo, hi, spec, row_out)
+        p = QParams(fit.scale, fit.zero_point) if fit is not None and spec.scale_dtype == \
+            "float32" and spec.scale_bits is None else _params(lo, hi, spec, row_out)  # equal
         scale_out[...] = p.scale.reshape(r, -1)
         zero_out[...] = p.zero_point.reshape(r, -1)
         stride = scale_out.shape[1]

@@ -185,7 +185,12 @@ class _Tile:
 
     def __init__(self, x: np.ndarray) -> None:
         self.t = x.shape[1] <= _TRANSPOSE_MAX_N
-        self.x = np.ascontiguousarray(x.T) if self.t else x
+        self.r = x.shape[0]
+        # A single row is given a twin column: numpy sums an outer axis of one column
+        # pairwise, but of two or more columns strictly in order, the order the C kernel
+        # (_fit.c) reproduces, so that every row's fit is the same whatever its tile.
+        xt = np.repeat(x.T, 2, axis=1) if self.t and self.r == 1 else x.T
+        self.x = np.ascontiguousarray(xt) if self.t else x
         self.ones = None if self.t else np.ones(x.shape[1], x.dtype)
         self.wt: np.ndarray | None = None  # the weights, once known
 
@@ -194,13 +199,16 @@ class _Tile:
         return v if self.t else v[:, None]
 
     def sum(self, a: np.ndarray) -> np.ndarray:
-        return (a.sum(axis=0) if self.t else a @ self.ones).astype(np.float64)
+        return (a.sum(axis=0)[: self.r] if self.t else a @ self.ones).astype(np.float64)
 
     def dot(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.einsum("ij,ij->j" if self.t else "ij,ij->i", a, b).astype(np.float64)
+        if self.t:
+            return np.einsum("ij,ij->j", a, b)[: self.r].astype(np.float64)
+        return np.einsum("ij,ij->i", a, b).astype(np.float64)
 
     def reduce(self, op: np.ufunc) -> np.ndarray:
-        return op.reduce(self.x, axis=0 if self.t else 1).astype(np.float64)
+        return (op.reduce(self.x, axis=0)[: self.r] if self.t
+                else op.reduce(self.x, axis=1)).astype(np.float64)
 
 
 def _requant(tile: _Tile, s32: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
