@@ -1,0 +1,204 @@
+"""--range search through the C kernel (qtool/core/_fit.c): the same scales, zero points and
+errors as fit.py's numpy fit, bit for bit, on any data; and the quantize pipeline sends
+exactly the units of at most 64 values to it and stores the same bytes either way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import qtool.core.blocks as blocks
+from qtool.core import bf16, fit_kernel
+from qtool.core import fit as F
+from qtool.core.quant import dequantize, quantize
+from qtool.core.schemes import QuantSpec
+
+SCHEMES = ("asymmetric", "symmetric", "symmetric-unsigned")
+K = blocks._kernels
+
+
+@pytest.fixture(autouse=True)
+def kernel_built():
+    assert K is not None, "qtool.core._kernels was not built by `pip install -e .`"
+
+
+def assert_same_fit(a: F.Fit, b: F.Fit) -> None:
+    # Bit for bit: the fitted parameters, and the errors the fit measured for them.
+    np.testing.assert_array_equal(a.scale.view(np.uint32), b.scale.view(np.uint32))
+    np.testing.assert_array_equal(a.zero_point, b.zero_point)
+    np.testing.assert_array_equal(a.error, b.error)
+    np.testing.assert_array_equal(a.minmax_error, b.minmax_error)
+
+
+def both(x: np.ndarray, bits: int, scheme: str) -> tuple[F.Fit, F.Fit]:
+    return F.fit_search(x, bits, scheme), fit_kernel.fit_search_kernel(K, x, bits, scheme)
+
+
+@st.composite
+def units(draw: st.DrawFn) -> np.ndarray:
+    shape = draw(st.tuples(st.integers(1, 20), st.integers(1, 64)))
+    scale = draw(st.sampled_from([1e-40, 1e-30, 1e-3, 1.0, 1e20, 1e37]))
+    x = draw(hnp.arrays(np.float32, shape, elements=st.floats(-1, 1, width=32)))
+    return (x * np.float32(scale)).astype(np.float32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(units(), st.integers(2, 8), st.sampled_from(SCHEMES))
+def test_kernel_fit_is_the_numpy_fit_on_any_values(x, bits, scheme):
+    assert_same_fit(*both(x, bits, scheme))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 31, 32, 33, 48, 64])
+@pytest.mark.parametrize("dist", ["normal", "student-t", "positive", "integers"])
+def test_kernel_fit_is_the_numpy_fit_on_random_and_heavy_tailed_data(n, dist):
+    rng = np.random.default_rng(n)
+    units = 8 * 37 + 5  # batches of 8 units and a partial one
+    x = {"normal": lambda: rng.standard_normal((units, n)),
+         "student-t": lambda: rng.standard_t(4, (units, n)) * 0.02,
+         "positive": lambda: np.abs(rng.standard_t(4, (units, n))),
+         "integers": lambda: np.rint(rng.standard_normal((units, n)) * 3)}[dist]()
+    x = x.astype(np.float32)
+    for bits in (2, 3, 4, 8):
+        for scheme in SCHEMES:
+            assert_same_fit(*both(x, bits, scheme))
+
+
+def test_kernel_fit_edge_units():
+    big = np.finfo(np.float32).max
+    rows = [
+        [0.0] * 32,  # all zeros
+        [3.0] * 32,  # constant
+        [-2.0] * 32,  # constant negative
+        [1e-42] * 32,  # subnormal
+        [-1e-42, 1e-42] * 16,
+        [big, -big] * 16,  # the float32 extremes
+        [big] + [0.0] * 31,
+        [-big] * 32,
+        [0.0] * 31 + [1e-3],  # one value away from zero
+        list(np.linspace(-1, 1, 32)),
+        [-0.0] * 32,
+    ]
+    x = np.array(rows, np.float32)
+    for bits in range(2, 9):
+        for scheme in SCHEMES:
+            a, b = both(x, bits, scheme)
+            assert_same_fit(a, b)
+            assert np.all(np.isfinite(b.scale)) and np.all(b.scale > 0)
+            assert b.error[0] == 0 and b.error[-1] == 0
+    # One unit, and units of one value.
+    for y in (x[:1], x[5:6], x[:, :1], x[:, :2]):
+        assert_same_fit(*both(np.ascontiguousarray(y), 4, "asymmetric"))
+
+
+def test_a_row_is_fitted_alike_alone_and_among_others():
+    # numpy sums a single row's tile in another order than a tile of several; fit.py gives
+    # such a tile a twin column so that each row's fit is the same however it is tiled.
+    rng = np.random.default_rng(5)
+    x = rng.standard_t(4, (9, 32)).astype(np.float32)
+    whole = F.fit_search(x, 4)
+    for i in range(x.shape[0]):
+        one = F.fit_search(x[i : i + 1], 4)
+        assert one.scale[0] == whole.scale[i] and one.zero_point[0] == whole.zero_point[i]
+        assert one.error[0] == whole.error[i]
+
+
+def test_kernel_rejects_nan_and_inf_and_long_units():
+    x = np.zeros((3, 32), np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[2, 17] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fit_kernel.fit_search_kernel(K, y, 4)
+        spec = QuantSpec("asymmetric", 4, "group", 32, range="search")
+        assert fit_kernel.fit_units(K, y, 0, 3, 32, 32, spec) is None
+    with pytest.raises(ValueError, match="1 to 64 values"):
+        fit_kernel.fit_search_kernel(K, np.zeros((2, 65), np.float32), 4)
+    with pytest.raises(ValueError):
+        K.fit_search(x, 0, 3, 32, 32, 0, 0.0, 15.0, (), 3, np.empty(2, np.float32),
+                     np.empty(3, np.int32), np.empty(3), np.empty(3))  # a buffer too short
+
+
+# ---------------------------------------------------------------- through the quantizer
+
+
+def quantize_both(w: np.ndarray, spec: QuantSpec, monkeypatch) -> tuple:
+    calls = []
+    real = fit_kernel.fit_units
+
+    def counting(*args, **kw):
+        got = real(*args, **kw)
+        if got is not None:
+            calls.append(args[3:6])  # rows, cols, group
+        return got
+
+    monkeypatch.setattr(fit_kernel, "fit_units", counting)
+    k = quantize(w, spec)
+    monkeypatch.setattr(blocks, "_kernels", None)
+    n = quantize(w, spec)
+    monkeypatch.undo()
+    return k, n, calls
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("gran,g,cols", [
+    ("group", 32, 256), ("group", 32, 100),  # a ragged last group of 4 values per row
+    ("group", 64, 200), ("group", 16, 16), ("group", 8, 3),  # a group longer than the row
+    ("channel", 128, 48),  # rows of 48 values: per channel, through the kernel
+])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantize_through_the_kernel_writes_the_numpy_bytes(scheme, gran, g, cols, dtype,
+                                                             monkeypatch):
+    rng = np.random.default_rng(cols)
+    w = (rng.standard_t(4, (37, cols)) * 0.02).astype(np.float32)
+    if scheme == "symmetric-unsigned":
+        w = np.abs(w)
+    if dtype == "bfloat16":
+        w = bf16.from_float32(w)
+    spec = QuantSpec(scheme, 4, gran, g, range="search")
+    k, n, calls = quantize_both(w, spec, monkeypatch)
+    assert calls, "the kernel fit was not used"
+    np.testing.assert_array_equal(k.data, n.data)
+    np.testing.assert_array_equal(k.scale.view(np.uint32), n.scale.view(np.uint32))
+    np.testing.assert_array_equal(k.zero_point, n.zero_point)
+    # A valid artifact: integers in range, zero points integers in range, and every value
+    # inside its unit's grid restored within half a step.
+    q = k.values().astype(np.int64)
+    assert q.min() >= spec.qmin and q.max() <= spec.qmax
+    assert np.all((k.zero_point >= 0) & (k.zero_point <= spec.qmax))
+    wf = bf16.as_float(w, np.dtype(np.float32)) if dtype == "bfloat16" else w
+    w_hat = dequantize(k.data, k.scale, k.zero_point, wf.shape, spec, np.float32)
+    unit = np.minimum(np.arange(cols) // (g if gran == "group" else cols),
+                      k.scale.shape[1] - 1)
+    s = k.scale[:, unit].astype(np.float64)
+    zp = k.zero_point[:, unit].astype(np.float64)
+    inside = (wf >= (spec.qmin - zp) * s) & (wf <= (spec.qmax - zp) * s)
+    err = np.abs(w_hat.astype(np.float64) - wf)
+    assert np.all(err[inside] <= s[inside] * (0.5 + 1e-6))
+
+
+@pytest.mark.parametrize("gran,g,cols", [("group", 128, 256), ("channel", 128, 96),
+                                         ("tensor", 128, 32)])
+def test_long_units_stay_in_numpy_and_agree(gran, g, cols, monkeypatch):
+    w = (np.random.default_rng(2).standard_t(4, (12, cols)) * 0.02).astype(np.float32)
+    k, n, calls = quantize_both(w, QuantSpec("asymmetric", 4, gran, g, range="search"),
+                                monkeypatch)
+    assert not calls
+    np.testing.assert_array_equal(k.data, n.data)
+    np.testing.assert_array_equal(k.scale, n.scale)
+
+
+def test_quantize_reports_nan_and_negative_values_through_the_kernel():
+    w = np.ones((4, 64), np.float32)
+    w[1, 3] = np.nan
+    w[2, 60] = np.inf
+    with pytest.raises(blocks.NonFiniteError) as e:
+        quantize(w, QuantSpec("asymmetric", 4, "group", 32, range="search"))
+    assert e.value.count == 2
+    w = np.ones((4, 64), np.float32)
+    w[3, 5] = -0.25
+    with pytest.raises(blocks.NegativeValuesError) as neg:
+        quantize(w, QuantSpec("symmetric-unsigned", 4, "group", 32, range="search"))
+    assert neg.value.minimum == -0.25
