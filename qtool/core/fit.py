@@ -169,7 +169,10 @@ def fit_search(
     rows = max(1, TILE_ELEMS // n)
     for r0 in range(0, units, rows):
         r1 = min(units, r0 + rows)
-        s, z, e, e0 = _fit_block(w[r0:r1], qmin, qmax, scheme, weighted, ratios, rounds)
+        # Sums of values near the float32 limits overflow to inf: such a candidate's fit is
+        # invalid (error inf) and an error sum is redone in float64; no warning is due.
+        with np.errstate(over="ignore"):
+            s, z, e, e0 = _fit_block(w[r0:r1], qmin, qmax, scheme, weighted, ratios, rounds)
         out.scale[r0:r1], out.zero_point[r0:r1] = s, z
         out.error[r0:r1], out.minmax_error[r0:r1] = e, e0
     return out
