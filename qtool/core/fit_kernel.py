@@ -36,10 +36,10 @@ def fit_units(kernels: Any, raw: np.ndarray, src: int, rows: int, cols: int, gro
     """fit_search of every unit of a C-contiguous (rows, cols) block in units of ``group``
     columns (the last unit of a row may be shorter), as fit.fit_search(units, spec.bits,
     spec.scheme) computes it: a Fit of (rows, units) arrays, flattened row-major, the
-    smallest value of the block, and the fit's (lo, hi) ranges (fit.fit_range). ``raw`` is
-    float32 (src 0) or bfloat16 bits as uint16 (src 1). None if the kernel does not fit
-    these units (see :func:`supported`) or the block holds NaN or inf: numpy then does the
-    work, and reports those values."""
+    smallest value of the block, and the fit's (lo, hi) ranges (fit.fit_range) as (rows,
+    units) arrays. ``raw`` is float32 (src 0) or bfloat16 bits as uint16 (src 1). None if
+    the kernel does not fit these units (see :func:`supported`) or the block holds NaN or
+    inf: numpy then does the work, and reports those values."""
     g = min(group, cols)
     if not supported(g, spec.scheme):
         return None
@@ -54,7 +54,8 @@ def fit_units(kernels: Any, raw: np.ndarray, src: int, rows: int, cols: int, gro
                                         out.minmax_error)
     if not finite:
         return None
-    return (out, lowest, *F.fit_range(out, spec.bits, spec.scheme))
+    lo, hi = F.fit_range(out, spec.bits, spec.scheme)
+    return out, lowest, lo.reshape(rows, -1), hi.reshape(rows, -1)
 
 
 def fit_search_kernel(kernels: Any, x: np.ndarray, bits: int, scheme: str = "asymmetric"

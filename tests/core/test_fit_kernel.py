@@ -179,6 +179,21 @@ def test_quantize_through_the_kernel_writes_the_numpy_bytes(scheme, gran, g, col
     assert np.all(err[inside] <= s[inside] * (0.5 + 1e-6))
 
 
+@pytest.mark.parametrize("extra", [{"scale_dtype": "float16"}, {"scale_bits": 8},
+                                   {"scale_dtype": "bfloat16", "bits": 3}])
+def test_narrow_or_double_quantized_scales_through_the_kernel(extra, monkeypatch):
+    # The stored scale is then qparams' (or double quantization's) of the fitted range, not
+    # the fit's own float32 scale: the kernel path must take the same turn.
+    w = (np.random.default_rng(4).standard_t(4, (40, 96)) * 0.02).astype(np.float32)
+    spec = QuantSpec(**{"scheme": "asymmetric", "bits": 4, "granularity": "group",
+                        "group_size": 32, "range": "search", **extra})
+    k, n, calls = quantize_both(w, spec, monkeypatch)
+    assert calls
+    np.testing.assert_array_equal(k.data, n.data)
+    np.testing.assert_array_equal(k.scale, n.scale)
+    np.testing.assert_array_equal(k.zero_point, n.zero_point)
+
+
 @pytest.mark.parametrize("gran,g,cols", [("group", 128, 256), ("channel", 128, 96),
                                          ("tensor", 128, 32)])
 def test_long_units_stay_in_numpy_and_agree(gran, g, cols, monkeypatch):
