@@ -96,6 +96,13 @@ CASES = {
                                              "--group-size", "16", "--scale-dtype", "bfloat16"]),
     "8bit-symmetric-unsigned-tensor": ("llama-positive", ["--scheme", "symmetric-unsigned",
                                                          "--granularity", "tensor"]),
+    # 8-bit scale codes x a float32 per row: exported as their float32 products (symmetric:
+    # asymmetric pack-quantized does not load in transformers 5.24, docs/EXPORT.md, Limits)
+    "4bit-group-scale-codes": ("llama", ["--bits", "4", "--granularity", "group",
+                                         "--group-size", "16", "--scale-bits", "8"]),
+    "8bit-asymmetric-group-scale-codes": ("llama", ["--scheme", "asymmetric", "--granularity",
+                                                    "group", "--group-size", "32",
+                                                    "--scale-bits", "8"]),
 }
 
 
