@@ -16,7 +16,7 @@
 #include "_kernels.h"
 
 #define FL W          /* units per batch: the lanes of one vector */
-#define FIT_MAX_N 64  /* fit.py's _TRANSPOSE_MAX_N */
+#define FIT_MAX_N 256 /* fit.py's _TRANSPOSE_MAX_N */
 #define FIT_MAX_K 9   /* candidate grids: min-max and up to 8 ratios */
 #define MIN_SCALE FLT_MIN
 
@@ -304,15 +304,20 @@ INLINE int fit_batch(const vf *x, Py_ssize_t n, const FitArgs *a, float *s_out, 
 }
 
 /* Gather the batch's units (start offsets off[], n values each) transposed into x (n, FL);
- * lanes past m repeat unit 0 (their results are dropped). */
+ * lanes past m repeat unit 0 (their results are dropped). Each x[i] is built in registers
+ * and stored whole: eight 4-byte stores read back as one vector would stall the loads that
+ * follow (no store-to-load forwarding). */
 INLINE void gather(const void *src_buf, int src, const Py_ssize_t *off, int m, Py_ssize_t n,
                    vf *x)
 {
-    for (int l = 0; l < FL; l++) {
-        Py_ssize_t o = off[l < m ? l : 0];
-        for (Py_ssize_t i = 0; i < n; i++)
-            x[i][l] = load_s(src_buf, src, o + i);
-    }
+    Py_ssize_t o[FL];
+    for (int l = 0; l < FL; l++)
+        o[l] = off[l < m ? l : 0];
+    for (Py_ssize_t i = 0; i < n; i++)
+        x[i] = (vf){load_s(src_buf, src, o[0] + i), load_s(src_buf, src, o[1] + i),
+                    load_s(src_buf, src, o[2] + i), load_s(src_buf, src, o[3] + i),
+                    load_s(src_buf, src, o[4] + i), load_s(src_buf, src, o[5] + i),
+                    load_s(src_buf, src, o[6] + i), load_s(src_buf, src, o[7] + i)};
 }
 
 /* All units of a (rows, cols) block in groups of g columns (the last group of a row may be
@@ -375,7 +380,7 @@ PyObject *qtool_py_fit_search(PyObject *self, PyObject *args)
     Py_ssize_t k = PyTuple_GET_SIZE(ratios) + 1;
     if (g > FIT_MAX_N || k > FIT_MAX_K || scheme < FIT_ASYM || scheme > FIT_UNSIGNED ||
         rounds < 0) {
-        PyErr_SetString(PyExc_ValueError, "fit_search: group over 64 values, over 8 ratios, "
+        PyErr_SetString(PyExc_ValueError, "fit_search: group over 256 values, over 8 ratios, "
                                           "or a bad scheme or round count");
         return NULL;
     }

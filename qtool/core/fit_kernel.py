@@ -3,7 +3,7 @@
 values instead of about forty numpy calls per tile.
 
 Which fits go through it: float32 or bfloat16 rows, unweighted (what ``--range search``
-fits), units of at most 64 values (``fit._TRANSPOSE_MAX_N``): groups of up to 64, and
+fits), units of at most 256 values (``fit._TRANSPOSE_MAX_N``): groups of up to 256, and
 channels of rows that short. Longer units (per channel of long rows, per tensor) stay in
 numpy: there fit.py sums each row with BLAS and einsum along it, whose summation order is
 theirs (blocked, fused multiply-add where the CPU has it) and cannot be reproduced bit for
@@ -61,7 +61,7 @@ def fit_units(kernels: Any, raw: np.ndarray, src: int, rows: int, cols: int, gro
 def fit_search_kernel(kernels: Any, x: np.ndarray, bits: int, scheme: str = "asymmetric"
                       ) -> F.Fit:
     """fit.fit_search(x, bits, scheme) of a float32 (units, n) array through the kernel
-    (n <= 64). Raises ValueError on NaN or inf, as fit_search does."""
+    (n <= 256). Raises ValueError on NaN or inf, as fit_search does."""
     x = np.ascontiguousarray(x, np.float32)
     units, n = x.shape
     if units == 0 or n == 0:

@@ -1,6 +1,6 @@
 """--range search through the C kernel (qtool/core/_fit.c): the same scales, zero points and
 errors as fit.py's numpy fit, bit for bit, on any data; and the quantize pipeline sends
-exactly the units of at most 64 values to it and stores the same bytes either way."""
+exactly the units of at most 256 values to it and stores the same bytes either way."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_kernel_fit_is_the_numpy_fit_on_any_values(x, bits, scheme):
     assert_same_fit(*both(x, bits, scheme))
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 31, 32, 33, 48, 64])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 31, 32, 33, 48, 64, 65, 128, 200, 256])
 @pytest.mark.parametrize("dist", ["normal", "student-t", "positive", "integers"])
 def test_kernel_fit_is_the_numpy_fit_on_random_and_heavy_tailed_data(n, dist):
     rng = np.random.default_rng(n)
@@ -114,8 +114,8 @@ def test_kernel_rejects_nan_and_inf_and_long_units():
             fit_kernel.fit_search_kernel(K, y, 4)
         spec = QuantSpec("asymmetric", 4, "group", 32, range="search")
         assert fit_kernel.fit_units(K, y, 0, 3, 32, 32, spec) is None
-    with pytest.raises(ValueError, match="1 to 64 values"):
-        fit_kernel.fit_search_kernel(K, np.zeros((2, 65), np.float32), 4)
+    with pytest.raises(ValueError, match="1 to 256 values"):
+        fit_kernel.fit_search_kernel(K, np.zeros((2, 257), np.float32), 4)
     with pytest.raises(ValueError):
         K.fit_search(x, 0, 3, 32, 32, 0, 0.0, 15.0, (), 3, np.empty(2, np.float32),
                      np.empty(3, np.int32), np.empty(3), np.empty(3))  # a buffer too short
@@ -145,7 +145,8 @@ def quantize_both(w: np.ndarray, spec: QuantSpec, monkeypatch) -> tuple:
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("gran,g,cols", [
     ("group", 32, 256), ("group", 32, 100),  # a ragged last group of 4 values per row
-    ("group", 64, 200), ("group", 16, 16), ("group", 8, 3),  # a group longer than the row
+    ("group", 64, 200), ("group", 128, 300), ("group", 256, 512),
+    ("group", 16, 16), ("group", 8, 3),  # a group longer than the row
     ("channel", 128, 48),  # rows of 48 values: per channel, through the kernel
 ])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -194,7 +195,7 @@ def test_narrow_or_double_quantized_scales_through_the_kernel(extra, monkeypatch
     np.testing.assert_array_equal(k.zero_point, n.zero_point)
 
 
-@pytest.mark.parametrize("gran,g,cols", [("group", 128, 256), ("channel", 128, 96),
+@pytest.mark.parametrize("gran,g,cols", [("group", 512, 1024), ("channel", 128, 300),
                                          ("tensor", 128, 32)])
 def test_long_units_stay_in_numpy_and_agree(gran, g, cols, monkeypatch):
     w = (np.random.default_rng(2).standard_t(4, (12, cols)) * 0.02).astype(np.float32)
