@@ -77,6 +77,8 @@ def _read_buffer(nbytes: int) -> np.ndarray:
     need = nbytes + PAGE
     buf: np.ndarray | None = getattr(_reader, "buf", None)
     if buf is None or buf.size < need:
+        # The old buffer goes first: a very long row's buffer never stacks on a kept one.
+        _reader.buf = buf = None
         buf = np.empty(need, np.uint8)
         if need <= _READ_KEEP_BYTES:
             _reader.buf = buf
