@@ -29,16 +29,18 @@ from qtool.pipeline.plan import Plan, scale_overflow
 
 # --------------------------------------------------------------------------- streaming
 #
-# Tensors are read in runs of rows (SafetensorsFile.view: a pread into a fresh buffer that is
-# freed once the run is done; not a memory map, which dies of SIGBUS when another process
-# truncates the file) and written in runs through a background
-# thread that writes and hashes while the next run is computed. Memory therefore stays near
-# a few runs whatever the size of the tensors or the checkpoint (docs/PERFORMANCE.md).
+# Tensors are read in runs of rows with pread (SafetensorsFile.view; not a memory map, which
+# dies of SIGBUS when another process truncates the file): quantize's workers each read
+# their own task's rows into a buffer of their thread (_read_buffer below), the other runs
+# go into a fresh buffer freed once the run is done. Output is written in runs through a
+# background thread that writes and hashes while the next run is computed. Memory therefore
+# stays near a few runs whatever the size of the tensors or the checkpoint
+# (docs/PERFORMANCE.md).
 
 # Bytes of input (quantize) or output (dequantize) per run: large enough that per-run costs
 # (a map, a pool round, a queue hand-off) vanish, small enough for a few to sit in memory.
-# Quantizing holds one run of input and three quarter-size runs of output at a time: its
-# runs are larger, so that each gives the pool many tasks and the threads rarely wait for
+# Quantizing holds a task's rows per worker and three quarter-size runs of output at a time:
+# its runs are larger, so that each gives the pool many tasks and the threads rarely wait for
 # each other at the end of a run. Dequantizing holds three runs of float output.
 CHUNK_BYTES = 16 << 20
 QUANTIZE_CHUNK_BYTES = 64 << 20
