@@ -123,7 +123,7 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
     from qtool.report.summary import quantize_summary
     from qtool.report.tables import render_summary
 
-    summary = quantize_summary(records, Path(out_dir), seconds)
+    summary = quantize_summary(records, Path(out_dir), seconds, list(results.ckpt.shards))
     finish_quantize(results, src, None, summary)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

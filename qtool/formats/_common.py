@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,57 @@ def _parse_json(text: str) -> Any:
         raise ValueError("nested too deeply") from None
     check_strict_utf8(text, doc)
     return doc
+
+
+_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook, parse_constant=reject_constant)
+
+
+def stream_pairs(text: str) -> Iterator[tuple[str, Any]] | None:
+    """The (key, value) pairs of a JSON object text one at a time, values as
+    :func:`_parse_json` gives them, or None when the text needs the whole parse: it is not a
+    valid JSON object, or it holds a surrogate escape. The text is checked to be valid JSON
+    first (values parsed and dropped), so a caller that validates the pairs as they come
+    meets exactly the documents, and the errors, that the whole parse would give it; only the
+    whole document is never held at once (a header of 200,000 tensors is ~100 MB of pairs)."""
+    if _SURROGATE_ESCAPE.search(text):
+        return None
+    try:
+        for _ in _walk_pairs(text):
+            pass
+    except (ValueError, RecursionError):
+        return None
+    return _walk_pairs(text)
+
+
+def _walk_pairs(text: str) -> Iterator[tuple[str, Any]]:
+    ws = _WS.match
+    pos = ws(text, 0).end()
+    if not text.startswith("{", pos):
+        raise ValueError("not an object")
+    pos = ws(text, pos + 1).end()
+    if text.startswith("}", pos):
+        pos += 1
+    else:
+        while True:
+            if not text.startswith('"', pos):
+                raise ValueError("expecting a key")
+            key, pos = json.decoder.scanstring(text, pos + 1, True)
+            pos = ws(text, pos).end()
+            if not text.startswith(":", pos):
+                raise ValueError("expecting ':'")
+            value, pos = _PAIRS_DECODER.raw_decode(text, ws(text, pos + 1).end())
+            yield key, value
+            pos = ws(text, pos).end()
+            if text.startswith(",", pos):
+                pos = ws(text, pos + 1).end()
+                continue
+            if text.startswith("}", pos):
+                pos += 1
+                break
+            raise ValueError("expecting ',' or '}'")
+    if ws(text, pos).end() != len(text):
+        raise ValueError("extra data")
 
 
 # A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Text decoded from UTF-8 cannot hold a

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,14 @@ from qtool.formats._common import (
     CheckpointError,
     check_strict_utf8,
     reject_constant,
+)
+from qtool.formats.manifest_text import (  # noqa: F401  (seal* and _serialize: re-exported)
+    _is_hex,
+    _serialize,
+    canonical_digest,
+    read_streamed,
+    seal,
+    seal_streamed,
 )
 
 FORMAT_VERSION = 2
@@ -84,7 +91,7 @@ def uses_row_scales(records: list[TensorRecord], shard: str) -> bool:
                for t in records)
 
 
-@dataclass
+@dataclass(slots=True)  # no per-record __dict__: artifacts may hold 200,000 records
 class TensorRecord:
     """What the manifest says about one tensor."""
 
@@ -187,14 +194,15 @@ class TensorRecord:
                     >= _INTP_LIMIT:
                 # What the reader refuses in a safetensors header: no array has that shape.
                 raise ValueError(f"shape {shape!r:.60} is too large to represent")
-            rec = cls(name=name, file=file, dtype=dtype, shape=tuple(shape),
+            # File names, dtypes, reasons and specs repeat across records: one object each.
+            rec = cls(name=name, file=_shared(file), dtype=_shared(dtype), shape=tuple(shape),
                       format_version=version)
             sizes = (d["bytes"]["original"], d["bytes"]["stored"])
             if not all(type(v) is int and v >= 0 for v in sizes):
                 raise ValueError("bytes must hold non-negative integers")
             rec.original_bytes, rec.stored_bytes = sizes
             if "passthrough" in d:
-                rec.passthrough = str(d["passthrough"])
+                rec.passthrough = _shared(str(d["passthrough"]))
                 return rec
             if dtype not in FLOAT_CODES:
                 raise ValueError(f"a quantized tensor must be a float dtype, not {dtype}")
@@ -214,7 +222,7 @@ class TensorRecord:
             missing = [k for k in spec_keys if k not in d]
             if missing:
                 raise KeyError(missing[0])
-            rec.spec = QuantSpec(**{k: d[k] for k in spec_keys})
+            rec.spec = _spec(tuple((k, d[k]) for k in spec_keys))
             if "metrics" in d:
                 rec.stats = ErrorStats.from_dict(d["metrics"])  # validates the values
             return rec
@@ -224,6 +232,29 @@ class TensorRecord:
         except (TypeError, ValueError, OverflowError, SpecError, AttributeError) as e:
             raise ArtifactError(
                 f"{where}: malformed tensor entry {d!r:.80}: {str(e):.100}") from None
+
+
+_SHARED: dict[str, str] = {}
+_SPECS: dict[tuple[tuple[str, type, Any], ...], QuantSpec] = {}
+
+
+def _shared(value: str) -> str:
+    if len(_SHARED) > 10_000:  # hostile manifests: every value distinct
+        _SHARED.clear()
+    return _SHARED.setdefault(value, value)
+
+
+def _spec(items: tuple[tuple[str, Any], ...]) -> QuantSpec:
+    key = tuple((k, type(v), v) for k, v in items)  # 8 and 8.0 are not the same entry
+    try:
+        spec = _SPECS.get(key)
+    except TypeError:  # an unhashable (so invalid) value: QuantSpec says what is wrong
+        return QuantSpec(**dict(items))
+    if spec is None:
+        spec = QuantSpec(**dict(items))
+        if len(_SPECS) < 1000:
+            _SPECS[key] = spec
+    return spec
 
 
 @dataclass
@@ -252,6 +283,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
+        # A manifest exactly as qtool writes it is read record by record (bounded memory for
+        # very many tensors); anything else is parsed whole, which names what is wrong.
+        fast = read_streamed(text, lambda t, v: TensorRecord.from_json(t, where, v),
+                             tuple(v for v in READABLE_VERSIONS if v >= 2))
+        if fast is not None:
+            head, records = fast
+            return cls._build(head, records, head["format_version"], head["digest"], where)
         try:
             doc = json.loads(text, parse_constant=reject_constant)
             check_strict_utf8(text, doc)  # a lone surrogate in a name cannot be written back
@@ -270,11 +308,19 @@ class Manifest:
                 f"reads format_version {', '.join(map(str, READABLE_VERSIONS))}"
             )
         algorithm = _check_guard(doc, text, where) if version >= 2 else "sha256"
+        return cls._build(doc, None, version, algorithm, where)
+
+    @classmethod
+    def _build(cls, doc: dict[str, Any], tensors: list[TensorRecord] | None, version: int,
+               algorithm: str, where: str) -> Manifest:
+        """The manifest of a checked document (``tensors``: its records, when already
+        converted one by one)."""
         try:
             missing = [k for k in _REQUIRED if k not in doc]
             if missing:
                 raise ArtifactError(f"{where}: required field {missing[0]!r} is missing")
-            tensors = [TensorRecord.from_json(t, where, version) for t in doc["tensors"]]
+            if tensors is None:
+                tensors = [TensorRecord.from_json(t, where, version) for t in doc["tensors"]]
             m = cls(
                 source=dict(doc["source"]),
                 tensors=tensors,
@@ -324,55 +370,6 @@ class Manifest:
 
 
 _REQUIRED = ("qtool_version", "source", "shards", "index", "files", "tensors")
-
-
-def _serialize(doc: dict[str, Any]) -> str:
-    """The bytes qtool writes for a manifest document (readers check a version-2 manifest is
-    exactly this, so that even an edit that keeps the meaning, such as 1e-05 -> 1E-05, shows)."""
-    return json.dumps(doc, indent=1) + "\n"
-
-
-def seal(doc: dict[str, Any]) -> str:
-    """The text of a manifest document with its manifest_digest (re)computed. The digest
-    catches accidents and naive edits; it is no signature (anyone can seal a document)."""
-    doc = {k: v for k, v in doc.items() if k != "manifest_digest"}
-    doc["manifest_digest"] = canonical_digest(doc, doc.get("digest", _digest.DEFAULT))
-    return _serialize(doc)
-
-
-def seal_streamed(head: dict[str, Any], tensors: Iterator[dict[str, Any]]) -> str:
-    """``seal(head | {"tensors": list(tensors)})``, the same text, built one record at a time:
-    each record's dict goes as soon as its two JSON forms are written, so that 100,000 records
-    are never all held as dicts at once (they were the largest per-tensor cost)."""
-    canon, text = [], []
-    for t in tensors:
-        canon.append(json.dumps(t, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
-        # indent=1 inside the top-level list: every line of the record two spaces deeper
-        # (JSON strings never hold a raw newline, so only line breaks are replaced).
-        text.append(json.dumps(t, indent=1).replace("\n", "\n  "))
-    mark = json.dumps(os.urandom(16).hex())  # a placeholder no other value can equal
-    doc = {k: v for k, v in head.items() if k != "manifest_digest"} | {"tensors": mark[1:-1]}
-    algorithm = doc.get("digest", _digest.DEFAULT)
-    body = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    body = body.replace(mark, "[" + ",".join(canon) + "]", 1)
-    del canon
-    doc["manifest_digest"] = _digest.of_bytes(body.encode("utf-8"), algorithm)
-    del body
-    return _serialize(doc).replace(
-        mark, "[\n  " + ",\n  ".join(text) + "\n ]" if text else "[]", 1)
-
-
-def canonical_digest(doc: dict[str, Any], algorithm: str) -> str:
-    """The digest of a manifest's canonical content: every field but ``manifest_digest``, as
-    JSON with sorted keys, no whitespace, UTF-8 (docs/FORMAT.md)."""
-    body = {k: v for k, v in doc.items() if k != "manifest_digest"}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return _digest.of_bytes(canon.encode("utf-8"), algorithm)
-
-
-def _is_hex(value: object, algorithm: str) -> bool:
-    return (isinstance(value, str) and len(value) == _digest.HEX_LENGTH[algorithm]
-            and all(c in "0123456789abcdef" for c in value))
 
 
 def _check_guard(doc: dict[str, Any], text: str, where: str) -> str:

@@ -45,11 +45,14 @@ from qtool.formats._common import (
     _pread_exact,
     _short,
     aligned_buffer,
+    stream_pairs,
 )
 from qtool.formats.safeio import not_this_format, open_regular, sniff
 
 # --------------------------------------------------------------------------------------------
 # reader
+
+_CODES = {code: code for code in DTYPES}
 
 
 class SafetensorsFile:
@@ -62,7 +65,6 @@ class SafetensorsFile:
 
     path: Path
     size: int
-    header_bytes: bytes
     metadata: dict[str, str] | None
     tensors: list[TensorInfo]
 
@@ -119,48 +121,61 @@ class SafetensorsFile:
         raw = bytearray(8 + n)
         raw[:8] = prefix
         _pread_exact(self._fd, memoryview(raw)[8:], 8, self.path, "header")
-        self.header_bytes = bytes(raw)
+        self._header_len = 8 + n
         # Each entry has a "data_offsets" key: counting them bounds the tensors before parsing.
-        declared = self.header_bytes.count(b'"data_offsets"')
+        declared = raw.count(b'"data_offsets"')
         if declared > _common.TENSOR_COUNT_LIMIT:
             raise self._fail(f"header declares {declared} tensors, more than the limit of "
                              f"{_common.TENSOR_COUNT_LIMIT}")
         try:
-            text = self.header_bytes[8:].decode("utf-8")
+            text = raw[8:].decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self._fail(f"header is not valid UTF-8 (byte {8 + exc.start})") from None
-        try:
-            doc = _parse_json(text)
-        except NotUnicodeError as exc:
-            raise self._fail(f"header is not valid UTF-8: {exc}") from None
-        except ValueError as exc:
-            raise self._fail(f"header is not valid JSON: {_short(str(exc), 100)}") from None
-        if not isinstance(doc, _Obj):
-            raise self._fail(f"header JSON is a {_json_kind(doc)}, not an object")
+        del raw
+        # Entry by entry: the parsed header of very many tensors is far larger than their
+        # TensorInfo records (see stream_pairs); anything unusual takes the whole parse.
+        pairs = stream_pairs(text)
+        if pairs is None:
+            try:
+                doc = _parse_json(text)
+            except NotUnicodeError as exc:
+                raise self._fail(f"header is not valid UTF-8: {exc}") from None
+            except ValueError as exc:
+                raise self._fail(f"header is not valid JSON: {_short(str(exc), 100)}") from None
+            if not isinstance(doc, _Obj):
+                raise self._fail(f"header JSON is a {_json_kind(doc)}, not an object")
+            pairs = iter(doc)
+            del doc
 
         data_start = 8 + n
         data_len = self.size - data_start
-        seen: set[str] = set()
+        by_name: dict[str, TensorInfo] = {}
         metadata: dict[str, str] | None = None
-        entries: list[tuple[int, int, TensorInfo]] = []
-        for name, entry in doc:
+        seen_metadata = False
+        entries: list[TensorInfo] = []
+        for name, entry in pairs:
             if not isinstance(name, str):  # cannot happen with valid JSON; be defensive
                 raise self._fail(f"tensor name {_short(name)} is not a string")
-            if name in seen:
-                if name == "__metadata__":
-                    raise self._fail("duplicate '__metadata__' entry")
-                raise self._fail("duplicate tensor name", name)
-            seen.add(name)
             if name == "__metadata__":
+                if seen_metadata:
+                    raise self._fail("duplicate '__metadata__' entry")
+                seen_metadata = True
                 metadata = self._parse_metadata(entry)
                 continue
-            entries.append(self._parse_entry(name, entry, data_start, data_len))
+            if name in by_name:
+                raise self._fail("duplicate tensor name", name)
+            info = self._parse_entry(name, entry, data_start, data_len)
+            by_name[name] = info
+            entries.append(info)
+        del pairs
 
         # The tensors, sorted by offsets, must tile [0, data_len) exactly.
-        entries.sort(key=lambda e: (e[0], e[1]))
+        entries.sort(key=lambda t: (t.offset, t.nbytes))
         pos = 0
         prev: TensorInfo | None = None
-        for begin, end, info in entries:
+        for info in entries:
+            begin = info.offset - data_start
+            end = begin + info.nbytes
             if begin < pos:
                 assert prev is not None
                 raise self._fail(
@@ -182,7 +197,8 @@ class SafetensorsFile:
                 f"(data area is {data_len} bytes, tensors cover {pos})"
             )
         self.metadata = metadata
-        self.tensors = [e[2] for e in entries]
+        self.tensors = entries
+        self._by_name = by_name
 
     def _parse_metadata(self, entry: Any) -> dict[str, str]:
         if not isinstance(entry, _Obj):
@@ -200,7 +216,7 @@ class SafetensorsFile:
 
     def _parse_entry(
         self, name: str, entry: Any, data_start: int, data_len: int
-    ) -> tuple[int, int, TensorInfo]:
+    ) -> TensorInfo:
         if not isinstance(entry, _Obj):
             raise self._fail(f"entry is a {_json_kind(entry)}, not an object", name)
         dup = _dup_key(entry)
@@ -267,22 +283,31 @@ class SafetensorsFile:
                 f"{_fmt_ints(shape)} of {code} needs {need_text}",
                 name,
             )
-        info = TensorInfo(
+        return TensorInfo(
             name=name,
-            dtype=code,
+            dtype=_CODES[code],  # one str object per dtype, not one per tensor
             shape=tuple(shape),
             offset=data_start + begin,
             nbytes=have,
             path=self.path,
         )
-        return begin, end, info
 
     # -- access --------------------------------------------------------------------------
 
     @property
     def data_start(self) -> int:
         """Absolute offset of the data area (``8 + N``)."""
-        return len(self.header_bytes)
+        return self._header_len
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The length prefix and the header, as validated, read again from the open file
+        (not kept: with very many tensors the header is tens of MB)."""
+        if self._fd < 0:
+            raise ValueError(f"{self._label}: file is closed")
+        buf = bytearray(self._header_len)
+        _pread_exact(self._fd, memoryview(buf), 0, self.path, "header")
+        return bytes(buf)
 
     @property
     def closed(self) -> bool:

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from qtool.core.metrics import ErrorStats
-from qtool.formats.manifest import TensorRecord
+from qtool.formats.manifest import MANIFEST, TensorRecord
 from qtool.report.fmt import _json_float
 from qtool.report.model import bits_per_weight
 
 
-def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float) -> dict[str, Any]:
-    """The summary `quantize` shows: counts, bytes as stored (file sizes) before and after,
-    bits per weight, and the quality (SQNR over all quantized values, the worst tensor)."""
-    from qtool.formats.native import Artifact
+def quantize_summary(records: list[TensorRecord], out_dir: Path, seconds: float,
+                     sources: list[Path]) -> dict[str, Any]:
+    """The summary `quantize` shows: counts, bytes as stored (file sizes) before (the source
+    files) and after (the artifact's files but qtool.json, as the manifest lists them),
+    bits per weight, and the quality (SQNR over all quantized values, the worst tensor).
 
-    art = Artifact.open(out_dir)
-    before = sum(int(f["size"]) for f in art.manifest.source["files"])
-    after = sum(int(f["size"]) for f in art.manifest.files.values())
+    Sizes are taken from the file system, not by loading the artifact just written again
+    (with 200,000 tensors that alone cost more memory than the whole run)."""
+    before = sum(os.stat(p).st_size for p in sources)
+    after = sum(e.stat(follow_symlinks=False).st_size for e in os.scandir(out_dir)
+                if e.name != MANIFEST and e.is_file(follow_symlinks=False))
     quantized = [r for r in records if r.quantized]
     weights = sum(math.prod(r.shape) for r in quantized)
     stats = ErrorStats()
