@@ -18,6 +18,7 @@ from click.core import ParameterSource
 from qtool import __version__
 from qtool.console import (
     FilePath,
+    _echo_pieces,
     _err_console,
     _fail,
     _one_line,
@@ -402,10 +403,9 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         hists, note = histograms(rep)
         click.echo(to_html(rep, hists, note, sort, top), nl=False)
     else:
-        from qtool.report.text import to_csv, to_json, to_markdown
-
-        render = {"json": to_json, "csv": to_csv, "markdown": to_markdown}[fmt]
-        click.echo(render(rep, sort, top), nl=False)
+        from qtool.report.text import iter_csv, iter_json, iter_markdown
+        render = {"json": iter_json, "csv": iter_csv, "markdown": iter_markdown}[fmt]
+        _echo_pieces(render(rep, sort, top))
     for o in rep.offenders:
         click.echo(f"qtool: fail: {_one_line(o.message())}", err=True)
     return rep.exit_code

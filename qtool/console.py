@@ -114,3 +114,17 @@ def _progress(results: Iterator[TensorResult], total: int, total_bytes: int, lab
 
 def _show_progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
+
+
+def _echo_pieces(pieces: Iterator[str]) -> None:
+    """Write a rendering as it is made, in writes of about 64 kB (not one echo per row, each
+    of which flushes; not the whole text at once, which for 200,000 tensors is ~100 MB)."""
+    batch: list[str] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= 1 << 16:
+            click.echo("".join(batch), nl=False)
+            batch, size = [], 0
+    click.echo("".join(batch), nl=False)

@@ -45,6 +45,7 @@ from qtool.formats._common import (
     _pread_exact,
     _short,
     aligned_buffer,
+    check_tiling,
     stream_pairs,
 )
 from qtool.formats.safeio import not_this_format, open_regular, sniff
@@ -169,33 +170,7 @@ class SafetensorsFile:
             entries.append(info)
         del pairs
 
-        # The tensors, sorted by offsets, must tile [0, data_len) exactly.
-        entries.sort(key=lambda t: (t.offset, t.nbytes))
-        pos = 0
-        prev: TensorInfo | None = None
-        for info in entries:
-            begin = info.offset - data_start
-            end = begin + info.nbytes
-            if begin < pos:
-                assert prev is not None
-                raise self._fail(
-                    f"data_offsets {_fmt_ints([begin, end])} overlap tensor "
-                    f"{_short(prev.name)} which ends at {pos}",
-                    info.name,
-                )
-            if begin > pos:
-                raise self._fail(
-                    f"data_offsets {_fmt_ints([begin, end])} leave a gap: bytes "
-                    f"[{pos}, {begin}) of the data area belong to no tensor",
-                    info.name,
-                )
-            pos = end
-            prev = info
-        if pos != data_len:
-            raise self._fail(
-                f"{data_len - pos} trailing bytes after the last tensor "
-                f"(data area is {data_len} bytes, tensors cover {pos})"
-            )
+        check_tiling(entries, data_start, data_len, self._fail)
         self.metadata = metadata
         self.tensors = entries
         self._by_name = by_name

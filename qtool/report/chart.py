@@ -57,7 +57,7 @@ def _short_modules(modules: list[str]) -> dict[str, str]:
 
 
 def _bars(points: list[Point], what: str, width: int, title: str) -> list[RenderableType]:
-    prefix = _common_prefix([p.name for p in points])
+    prefix = _common_prefix(p.name for p in points)
     names = [_safe(p.name[len(prefix):]) for p in points]
     name_w = min(max((len(n) for n in names), default=6), max(16, int(width * 0.4)))
     value_w = 8

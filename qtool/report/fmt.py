@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from qtool.core.schemes import QuantSpec
@@ -118,20 +119,30 @@ def _ratio(rec: TensorRecord) -> float | None:
     return rec.original_bytes / rec.stored_bytes if rec.stored_bytes else None
 
 
-def _common_prefix(names: list[str]) -> str:
+def _common_prefix(names: Iterable[str]) -> str:
     """The longest common prefix of whole dot-separated parts ("model." of a HF checkpoint),
-    never a whole name."""
-    if len(names) < 2:
+    never a whole name. One name split at a time: a checkpoint may have 200,000 names."""
+    it = iter(names)
+    first_name = next(it, None)
+    if first_name is None:
         return ""
-    parts = [n.split(".") for n in names]
-    prefix: list[str] = []
-    for group in zip(*parts, strict=False):
-        if len(set(group)) != 1:
-            break
-        prefix.append(group[0])
-    if prefix and any(len(p) == len(prefix) for p in parts):
-        prefix.pop()
-    return ".".join(prefix) + "." if prefix else ""
+    first = first_name.split(".")
+    k = len(first)  # parts shared by every name so far
+    lengths = {len(first)}  # how many parts the names have
+    several = False
+    for name in it:
+        several = True
+        parts = name.split(".")
+        lengths.add(len(parts))
+        j, m = 0, min(k, len(parts))
+        while j < m and parts[j] == first[j]:
+            j += 1
+        k = j
+    if not several:
+        return ""
+    if k and k in lengths:  # the prefix would be a whole name
+        k -= 1
+    return ".".join(first[:k]) + "." if k else ""
 
 
 def human_bytes(n: float) -> str:

@@ -50,7 +50,7 @@ def _num(what: str, v: float) -> str:
 
 
 def _bars_svg(points: list[Point], what: str, title: str) -> str:
-    prefix = _common_prefix([p.name for p in points])
+    prefix = _common_prefix(p.name for p in points)
     label_w = min(420, 7 * max(len(p.name) - len(prefix) for p in points) + 10)
     finite = [p.value for p in points if not math.isinf(p.value)]
     top = max([*finite, 8.0] if what == "bits" else finite or [1.0])

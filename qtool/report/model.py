@@ -78,7 +78,7 @@ def _reject_constant(name: str) -> Any:
 # --------------------------------------------------------------------------- the report data
 
 
-@dataclass
+@dataclass(slots=True)  # no per-row __dict__: a report may have 200,000 rows
 class Row:
     """One tensor: its record under each group (the artifact, or each dry-run scheme)."""
 
@@ -291,6 +291,8 @@ def _with_real_bytes(rec: TensorRecord) -> TensorRecord:
             stored = math.prod(rec.stored_shape) + 8 * math.prod(rec.param_shape)
         else:  # scales in their scale_dtype, zero points U8 (0-d, or packed below 8 bits)
             stored = stored_bytes(rec.shape, rec.spec)
+    if (original, stored) == (rec.original_bytes, rec.stored_bytes):
+        return rec  # as recorded (the usual case): no second copy of every record
     return replace(rec, original_bytes=original, stored_bytes=stored)
 
 

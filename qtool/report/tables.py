@@ -90,7 +90,7 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
     kept = [r for r in rows if _kept_everywhere(r)]
     if not show_all:
         rows = [r for r in rows if not _kept_everywhere(r)]
-    prefix = _common_prefix([r.name for r in report.rows])
+    prefix = _common_prefix(r.name for r in report.rows)
     cols = _artifact_cols(report, rows) if report.kind == "artifact" else \
         _dry_run_cols(report, rows)
     constant = _constant_settings(report, rows)

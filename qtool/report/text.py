@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from qtool import __version__
@@ -116,6 +117,13 @@ def _totals_json(t: Totals) -> dict[str, Any]:
 
 def to_json(report: Report, sort: str | None = None, top: int | None = None) -> str:
     """The JSON document of docs/REPORT.md (``schema_version`` 1)."""
+    return "".join(iter_json(report, sort, top))
+
+
+def iter_json(report: Report, sort: str | None = None, top: int | None = None
+              ) -> Iterator[str]:
+    """:func:`to_json` in pieces, a row at a time (the whole text of 200,000 rows is never
+    held)."""
     rows = report.sorted_rows(sort, top)
     mark = json.dumps(os.urandom(16).hex())  # where the rows go: no other value equals it
     doc = {
@@ -152,18 +160,24 @@ def to_json(report: Report, sort: str | None = None, top: int | None = None) -> 
         "exit_code": report.exit_code,
     }
     # allow_nan=False: a stray inf/NaN fails loudly here instead of writing invalid JSON.
-    # Each row is written as soon as its dict is made, one dict at a time (100,000 tensors
+    # Each row is yielded as soon as its dict is made, one dict at a time (100,000 tensors
     # held as dicts took hundreds of MB); indent=2 at the depth of the list: 4 more spaces
     # per line (a JSON string never holds a raw newline).
-    text = [json.dumps(
-        {"name": r.name, "dtype": r.dtype, "shape": list(r.shape),
-         "parameters": r.parameters, "original_bytes": r.original_bytes,
-         "best": None if r.best is None else report.labels[r.best],
-         "results": {label: _result_json(rec)
-                     for label, rec in zip(report.labels, r.results, strict=True)}},
-        indent=2, allow_nan=False).replace("\n", "\n    ") for r in rows]
-    listing = "[\n    " + ",\n    ".join(text) + "\n  ]" if text else "[]"
-    return json.dumps(doc, indent=2, allow_nan=False).replace(mark, listing, 1) + "\n"
+    head = json.dumps(doc, indent=2, allow_nan=False)
+    before, after = head.split(mark, 1)
+    yield before
+    yield "[\n    " if rows else "[]"
+    for i, r in enumerate(rows):
+        yield ("" if i == 0 else ",\n    ") + json.dumps(
+            {"name": r.name, "dtype": r.dtype, "shape": list(r.shape),
+             "parameters": r.parameters, "original_bytes": r.original_bytes,
+             "best": None if r.best is None else report.labels[r.best],
+             "results": {label: _result_json(rec)
+                         for label, rec in zip(report.labels, r.results, strict=True)}},
+            indent=2, allow_nan=False).replace("\n", "\n    ")
+    if rows:
+        yield "\n  ]"
+    yield after + "\n"
 
 
 # --------------------------------------------------------------------------- CSV
@@ -176,6 +190,12 @@ CSV_FIELDS = ("scheme", "bits", "granularity", "group_size", "range", "passthrou
 def to_csv(report: Report, sort: str | None = None, top: int | None = None) -> str:
     """One row per tensor with a header. An artifact's columns are plain (``sqnr_db``); a dry
     run has one set per scheme, prefixed ``<label>.`` (``gnmt.sqnr_db``), and ``best``."""
+    return "".join(iter_csv(report, sort, top))
+
+
+def iter_csv(report: Report, sort: str | None = None, top: int | None = None
+             ) -> Iterator[str]:
+    """:func:`to_csv` in pieces of at most 1,000 rows."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     prefixes = [""] if report.kind == "artifact" else [f"{lb}." for lb in report.labels]
@@ -184,7 +204,11 @@ def to_csv(report: Report, sort: str | None = None, top: int | None = None) -> s
         head.append("best")
     head += [p + f for p in prefixes for f in CSV_FIELDS]
     w.writerow(head)
-    for r in report.sorted_rows(sort, top):
+    for i, r in enumerate(report.sorted_rows(sort, top)):
+        if i % 1000 == 999:
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
         line: list[Any] = [r.name, r.dtype, json.dumps(list(r.shape)), r.parameters,
                            r.original_bytes]
         if report.kind == "dry-run":
@@ -195,7 +219,7 @@ def to_csv(report: Report, sort: str | None = None, top: int | None = None) -> s
                 d["sqnr_db"] = rec.stats.sqnr_db  # _csv_value writes ±inf as inf/-inf
             line += [d[f] for f in CSV_FIELDS]
         w.writerow([_csv_value(v) for v in line])
-    return buf.getvalue()
+    yield buf.getvalue()
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -210,12 +234,22 @@ def _md(text: str) -> str:
 def to_markdown(report: Report, sort: str | None = None, top: int | None = None) -> str:
     """Tables for a pull request: every tensor, the totals with the energy estimate, and the
     energy model's assumptions."""
+    return "".join(iter_markdown(report, sort, top))
+
+
+def iter_markdown(report: Report, sort: str | None = None, top: int | None = None
+                  ) -> Iterator[str]:
+    """:func:`to_markdown` a line at a time."""
+    return (line + "\n" for line in _md_lines(report, sort, top))
+
+
+def _md_lines(report: Report, sort: str | None, top: int | None) -> Iterator[str]:
     rows = report.sorted_rows(sort, top)
-    out = [f"### qtool report: `{_md(report.path)}`", "", _subtitle(report), ""]
+    yield from [f"### qtool report: `{_md(report.path)}`", "", _subtitle(report), ""]
     if report.kind == "artifact":
-        out += ["| tensor | shape | scheme | bits | granularity | parameters | size | stored "
-                "| ratio | bits/weight | MSE | SQNR dB | max abs error | cosine |",
-                "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        yield from ["| tensor | shape | scheme | bits | granularity | parameters | size | "
+                    "stored | ratio | bits/weight | MSE | SQNR dB | max abs error | cosine |",
+                    "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             rec = r.results[0]
             cells = [f"`{_md(r.name)}`", _fmt_shape(r.shape)]
@@ -227,7 +261,7 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
                       human_bytes(rec.stored_bytes), _fmt_ratio(_ratio(rec)),
                       _fmt_bpw(bits_per_weight(rec))]
             cells += _md_metrics(rec)
-            out.append("| " + " | ".join(cells) + " |")
+            yield "| " + " | ".join(cells) + " |"
     else:
         head = ["tensor", "shape", "parameters", "size"]
         align = ["---", "---:", "---:", "---:"]
@@ -235,7 +269,7 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
             head += [f"{lb} stored", f"{lb} ratio", f"{lb} bits/weight", f"{lb} SQNR dB",
                      f"{lb} max abs error"]
             align += ["---:"] * 5
-        out += ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+        yield from ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
         for r in rows:
             cells = [f"`{_md(r.name)}`", _fmt_shape(r.shape), f"{r.parameters:,}",
                      human_bytes(r.original_bytes)]
@@ -250,7 +284,8 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
                           _fmt_bpw(bits_per_weight(rec)),
                           _fmt_sqnr(rec.stats.sqnr_db) + mark,
                           _fmt_err(rec.stats.max_abs_error)]
-            out.append("| " + " | ".join(cells) + " |")
+            yield "| " + " | ".join(cells) + " |"
+    out: list[str] = []
     if len(rows) < len(report.rows):
         out += ["", f"Showing {len(rows)} of {len(report.rows)} tensors."]
     out += ["", "| | before | " + " | ".join(_after_labels(report)) + " |",
@@ -260,7 +295,7 @@ def to_markdown(report: Report, sort: str | None = None, top: int | None = None)
     out += ["", "Estimates: energy, memory-bound latency and MAC area (docs/ENERGY.md):", ""]
     out += [f"- {a}" for a in assumptions(report.energy_model, report.workload)]
     out += _md_checks(report)
-    return "\n".join(out) + "\n"
+    yield from out
 
 
 def _md_metrics(rec: TensorRecord) -> list[str]:
