@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -259,7 +260,7 @@ class SafetensorsFile:
                 name,
             )
         return TensorInfo(
-            name=name,
+            name=sys.intern(name),  # one str for the checkpoint's and the run's parse
             dtype=_CODES[code],  # one str object per dtype, not one per tensor
             shape=tuple(shape),
             offset=data_start + begin,
