@@ -110,8 +110,9 @@ def run(argv: list[str], stdout: Path | None = None) -> tuple[float, int, float,
 
 def measure_one(argv: list[str]) -> tuple[float, int, float, int]:
     """Run ``argv`` from a fresh helper process so that RUSAGE_CHILDREN is this command's."""
-    code = ("import json,sys;sys.path.insert(0,%r);from many_tensors import run;"
-            "print(json.dumps(run(json.loads(sys.argv[1]))))" % str(Path(__file__).parent))
+    here = str(Path(__file__).parent)
+    code = (f"import json,sys;sys.path.insert(0,{here!r});from many_tensors import run;"
+            "print(json.dumps(run(json.loads(sys.argv[1]))))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(argv)],
                          capture_output=True, text=True, check=True)
     wall, peak, cpu, rc = json.loads(out.stdout)
