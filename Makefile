@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py qtool/core/_kernels.c qtool/core/_kernels.h qtool/core/_fit.c
+$(STAMP): pyproject.toml setup.py qtool/core/_kernels.c qtool/core/_kernels.h \
+		qtool/core/_fit.h qtool/core/_fit.c qtool/core/_fit_long.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -42,7 +43,8 @@ ISTAMP := $(IVENV)/.installed
 
 install-interop: $(ISTAMP)
 
-$(ISTAMP): pyproject.toml setup.py qtool/core/_kernels.c qtool/core/_kernels.h qtool/core/_fit.c
+$(ISTAMP): pyproject.toml setup.py qtool/core/_kernels.c qtool/core/_kernels.h \
+		qtool/core/_fit.h qtool/core/_fit.c qtool/core/_fit_long.c
 	$(PYTHON) -m venv $(IVENV)
 	$(IBIN)/pip install -q --upgrade pip
 	$(IBIN)/pip install -q torch==2.13.0

@@ -12,6 +12,7 @@ from setuptools import Extension, setup
 # does (the results must be bit-identical to the numpy path). Never -ffast-math.
 FLAGS = [] if sys.platform == "win32" else ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
 
-SOURCES = ["qtool/core/_kernels.c", "qtool/core/_fit.c"]
-setup(ext_modules=[Extension("qtool.core._kernels", SOURCES, depends=["qtool/core/_kernels.h"],
-                             optional=True, extra_compile_args=FLAGS)])
+SOURCES = ["qtool/core/_kernels.c", "qtool/core/_fit.c", "qtool/core/_fit_long.c"]
+HEADERS = ["qtool/core/_kernels.h", "qtool/core/_fit.h"]
+setup(ext_modules=[Extension("qtool.core._kernels", SOURCES, depends=HEADERS, optional=True,
+                             extra_compile_args=FLAGS)])

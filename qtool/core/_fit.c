@@ -1,5 +1,6 @@
-/* qtool._kernels.fit_search: the --range search fit of qtool/core/fit.py, for range units of
- * at most FIT_MAX_N values (groups, and channels of short rows).
+/* qtool._kernels.fit_search: the --range search fit of qtool/core/fit.py, here for range
+ * units of at most FIT_MAX_N values (groups, and channels of short rows); longer ones are
+ * _fit_long.c's.
  *
  * fit.py's numpy code runs these units transposed, (n, units), so that each per-unit sum is
  * a reduction over the outer axis, which numpy computes as out[j] = out[j] + a[i, j] for
@@ -11,121 +12,9 @@
  * algebra is fit.py's _lsq and _grid, in float64, operation by operation.
  *
  * Each group is read from memory once: min-max, every candidate grid and every refit round
- * run on the transposed copy while it is in L1.
+ * run on the transposed copy while it is in cache (L1 up to 128 values per unit, L2 beyond).
  */
-#include "_kernels.h"
-
-#define FL W          /* units per batch: the lanes of one vector */
-#define FIT_MAX_N 256 /* fit.py's _TRANSPOSE_MAX_N */
-#define FIT_MAX_K 9   /* candidate grids: min-max and up to 8 ratios */
-#define MIN_SCALE FLT_MIN
-
-enum { FIT_ASYM = 0, FIT_SYM = 1, FIT_UNSIGNED = 2 };
-
-typedef struct {
-    int scheme, k, rounds;
-    float qmin, qmax;
-    double ratio[FIT_MAX_K]; /* ratio[0] = 1: min-max itself */
-} FitArgs;
-
-/* Four lanes of float64 (one AVX2 register), for the per-unit algebra (fit.py's _grid and
- * _lsq), done for each half of a batch's FL units at a time, branch-free: masks and selects
- * as numpy's np.where. */
-#define DL 4
-typedef double vd __attribute__((vector_size(8 * DL)));
-typedef int64_t vl __attribute__((vector_size(8 * DL)));
-typedef float vf4 __attribute__((vector_size(4 * DL)));
-
-INLINE vd dsplat(double a) { return (vd){a, a, a, a}; }
-INLINE vd sel(vl m, vd a, vd b) { return (vd)(((vl)a & m) | ((vl)b & ~m)); }
-INLINE vd dmax(vd a, vd b) { return sel(a > b, a, b); } /* np.maximum on non-NaN */
-INLINE vd dmin(vd a, vd b) { return sel(a < b, a, b); }
-INLINE vl vfinite(vd a) { return (a - a) == 0; } /* NaN for NaN and inf */
-/* np.clip(v, 0, qmax): min(max(v, 0), qmax). */
-INLINE vd dclip(vd v, double qmax) { return dmin(dmax(v, dsplat(0.0)), dsplat(qmax)); }
-/* rint for 0 <= v < 2^51 (ties to even), and floor for the same range. */
-#define DMAGIC 6755399441055744.0 /* 1.5 * 2^52 */
-INLINE vd drint(vd v) { return (v + DMAGIC) - DMAGIC; }
-INLINE vd dfloor(vd v)
-{
-    vd r = drint(v);
-    return sel(r > v, r - 1.0, r);
-}
-/* Half h of eight float32 lanes, widened; and eight lanes from two halves, narrowed. */
-INLINE vd half(vf a, int h)
-{
-    return h ? (vd){a[4], a[5], a[6], a[7]} : (vd){a[0], a[1], a[2], a[3]};
-}
-INLINE vf join(vd a, vd b)
-{
-    vf4 x = __builtin_convertvector(a, vf4), y = __builtin_convertvector(b, vf4);
-    return (vf){x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]};
-}
-INLINE vd to_f32(vd a) { return __builtin_convertvector(__builtin_convertvector(a, vf4), vd); }
-
-typedef struct {
-    vd sq, sqq, sqx;
-} Sums;
-
-/* fit.py's _grid: qparams' scale (a float32 value) and zero point of the ranges [lo, hi]. The zero
- * point -lo / s is at most about qmax (s >= (hi - lo) / qmax), in drint's range; clipping
- * before rounding instead of after gives the same integers, and keeps it there. */
-INLINE void grid(vd lo, vd hi, const FitArgs *a, vd *s, vd *z)
-{
-    vd span = a->scheme == FIT_ASYM ? (hi - lo) / a->qmax : hi / a->qmax;
-    *s = to_f32(sel(span == 0, dsplat(1.0), dmax(span, dsplat((double)MIN_SCALE))));
-    *z = a->scheme == FIT_ASYM ? drint(dclip(-lo / *s, a->qmax)) : dsplat(0.0);
-}
-
-/* fit.py's _lsq, refit(): the scale for integer zero points zp, and its error (inf: invalid). */
-INLINE void refit(const Sums *u, vd sw, vd swx, vd swxx, vd zp, vd *s_out, vd *e_out)
-{
-    vd suu = u->sqq - 2.0 * zp * u->sq + zp * zp * sw;
-    vd sux = u->sqx - zp * swx;
-    vd s = sux / suu;
-    vd err = swxx - sux * s;
-    vl ok = (suu > 0) & (s > 0) & vfinite(s) & vfinite(err);
-    *s_out = sel(ok, dmax(s, dsplat((double)MIN_SCALE)), dsplat(1.0));
-    *e_out = sel(ok, err, dsplat(INFINITY));
-}
-
-/* fit.py's _lsq: the best scale and integer zero point for fixed integers, and the error. */
-INLINE vd lsq(const Sums *u, vd sw, vd swx, vd swxx, const FitArgs *a, vd *s_out, vd *z_out)
-{
-    vd e;
-    if (a->scheme != FIT_ASYM) {
-        *z_out = dsplat(0.0);
-        refit(u, sw, swx, swxx, *z_out, s_out, &e);
-        return e;
-    }
-    vd det = sw * u->sqq - u->sq * u->sq;
-    vd s = (sw * u->sqx - swx * u->sq) / det;
-    vd m = (u->sqq * swx - u->sq * u->sqx) / det;
-    vd z = sel((det > 0) & (s > 0), -m / s, dsplat(0.0));
-    z = sel(vfinite(z), z, dsplat(0.0));
-    /* clip(floor(z), 0, qmax) = floor(clip(z, 0, qmax)): the bounds are integers. */
-    vd zl = dfloor(dclip(z, a->qmax)), zh = dclip(zl + 1.0, a->qmax);
-    vd sl, el, sh, eh;
-    refit(u, sw, swx, swxx, zl, &sl, &el);
-    refit(u, sw, swx, swxx, zh, &sh, &eh);
-    vl up = eh < el;
-    *s_out = sel(up, sh, sl);
-    *z_out = sel(up, zh, zl);
-    return sel(up, eh, el);
-}
-
-/* qtool's formula for one value of each lane: clip(rint(x / s) + z, qmin, qmax). The MAGIC
- * rounding is exact for |t| <= 2^22; a larger |t| (up to inf) comes out of it still beyond
- * 2^21 with its sign, which the clip then takes to qmin or qmax as it takes rint(t): no
- * clamp is needed before it. */
-INLINE vf qval(vf x, vf s, vf z, vf qlo, vf qhi, int asym)
-{
-    vf t = x / s;
-    t = (t + MAGIC) - MAGIC;
-    if (asym)
-        t = t + z;
-    return vmin(vmax(t, qlo), qhi);
-}
+#include "_fit.h"
 
 typedef struct {
     vf sq, sqq, sqx; /* sum(q), sum(q q), sum(q x) */
@@ -325,17 +214,16 @@ INLINE void gather(const void *src_buf, int src, const Py_ssize_t *off, int m, P
  * in row-major order. Returns 0 on NaN or inf. */
 INLINE int fit_src(const void *xb, int src, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t g,
                    const FitArgs *a, float *s_out, int32_t *z_out, double *e_out,
-                   double *e0_out, float *lowest)
+                   double *e0_out, float *lowest, vf *x)
 {
     Py_ssize_t units = (cols + g - 1) / g, full = cols / g, tail = cols - full * g;
-    vf x[FIT_MAX_N];
     Py_ssize_t off[FL], idx[FL];
     float s[FL];
     int32_t z[FL];
     double e[FL], e0[FL];
     for (int pass = 0; pass < 2; pass++) {
         Py_ssize_t n = pass == 0 ? g : tail, per_row = pass == 0 ? full : (tail ? 1 : 0);
-        Py_ssize_t total = rows * per_row;
+        Py_ssize_t total = n <= FIT_MAX_N ? rows * per_row : 0; /* else _fit_long.c's */
         for (Py_ssize_t b = 0; b < total; b += FL) {
             int m = total - b < FL ? (int)(total - b) : FL;
             for (int l = 0; l < m; l++) {
@@ -361,27 +249,32 @@ HOT static int fit_all(const void *xb, int src, Py_ssize_t rows, Py_ssize_t cols
                        const FitArgs *a, float *s_out, int32_t *z_out, double *e_out,
                        double *e0_out, float *lowest)
 {
-    if (src == SRC_BF16)
-        return fit_src(xb, SRC_BF16, rows, cols, g, a, s_out, z_out, e_out, e0_out, lowest);
-    return fit_src(xb, SRC_F32, rows, cols, g, a, s_out, z_out, e_out, e0_out, lowest);
+    /* The transposed batch, up to 64 KB: on the heap (thread stacks may be small). */
+    vf *x = aligned_alloc(sizeof(vf), FIT_MAX_N * sizeof(vf));
+    if (x == NULL)
+        return -1;
+    int ok = src == SRC_BF16
+                 ? fit_src(xb, SRC_BF16, rows, cols, g, a, s_out, z_out, e_out, e0_out, lowest, x)
+                 : fit_src(xb, SRC_F32, rows, cols, g, a, s_out, z_out, e_out, e0_out, lowest, x);
+    free(x);
+    return ok;
 }
 
 PyObject *qtool_py_fit_search(PyObject *self, PyObject *args)
 {
     PyObject *xo, *ratios, *so, *zo, *eo, *e0o;
     int src, scheme, rounds;
-    Py_ssize_t rows, cols, g;
+    Py_ssize_t rows, cols, g, tile;
     float qmin, qmax;
-    if (!PyArg_ParseTuple(args, "OinnniffO!iOOOO", &xo, &src, &rows, &cols, &g, &scheme, &qmin,
-                          &qmax, &PyTuple_Type, &ratios, &rounds, &so, &zo, &eo, &e0o))
+    if (!PyArg_ParseTuple(args, "OinnniffO!inOOOO", &xo, &src, &rows, &cols, &g, &scheme, &qmin,
+                          &qmax, &PyTuple_Type, &ratios, &rounds, &tile, &so, &zo, &eo, &e0o))
         return NULL;
     if (check_shape(rows, cols, &g) < 0)
         return NULL;
     Py_ssize_t k = PyTuple_GET_SIZE(ratios) + 1;
-    if (g > FIT_MAX_N || k > FIT_MAX_K || scheme < FIT_ASYM || scheme > FIT_UNSIGNED ||
-        rounds < 0) {
-        PyErr_SetString(PyExc_ValueError, "fit_search: group over 256 values, over 8 ratios, "
-                                          "or a bad scheme or round count");
+    if (k > FIT_MAX_K || scheme < FIT_ASYM || scheme > FIT_UNSIGNED || rounds < 0 || tile < 1) {
+        PyErr_SetString(PyExc_ValueError, "fit_search: over 8 ratios, or a bad scheme, round "
+                                          "count or tile size");
         return NULL;
     }
     FitArgs a = {scheme, (int)k, rounds, qmin, qmax, {1.0}};
@@ -407,8 +300,14 @@ PyObject *qtool_py_fit_search(PyObject *self, PyObject *args)
     float lowest = INFINITY;
     Py_BEGIN_ALLOW_THREADS
     finite = fit_all(x.buf, src, rows, cols, g, &a, s.buf, z.buf, e.buf, e0.buf, &lowest);
+    if (finite == 1)
+        finite = qtool_fit_long(x.buf, src, rows, cols, g, tile, &a, s.buf, z.buf, e.buf,
+                                e0.buf, &lowest);
     Py_END_ALLOW_THREADS
-    res = Py_BuildValue("Nd", PyBool_FromLong(finite), (double)lowest);
+    if (finite < 0)
+        PyErr_NoMemory();
+    else
+        res = Py_BuildValue("Nd", PyBool_FromLong(finite), (double)lowest);
     PyBuffer_Release(&e0);
 release_e:
     PyBuffer_Release(&e);

@@ -418,8 +418,8 @@ static PyMethodDef methods[] = {
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(q, signed, rows, cols, group, scale, zero, row_stride, out, out_code)"},
     {"fit_search", qtool_py_fit_search, METH_VARARGS,
-     "fit_search(x, src, rows, cols, group, scheme, qmin, qmax, ratios, rounds, scale, zero, "
-     "error, minmax_error) -> (finite, lowest): qtool.core.fit's fit per unit (group <= 256)."},
+     "fit_search(x, src, rows, cols, group, scheme, qmin, qmax, ratios, rounds, tile, scale, "
+     "zero, error, minmax_error) -> (finite, lowest): qtool.core.fit's fit of every unit."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -185,7 +185,8 @@ def _ranges_or_nonfinite(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np
     # count them here, where the tensor is known, for a useful message.
     try:
         if spec.granularity == "tensor":
-            return find_range(x.reshape(1, -1), spec)
+            got = fit_kernel.tensor_range(_kernels, x, spec)  # None: not for the kernel
+            return got if got is not None else find_range(x.reshape(1, -1), spec)
         return _unit_ranges(x, spec)
     except ValueError:
         bad = int(np.count_nonzero(~np.isfinite(x)))

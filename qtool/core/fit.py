@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qtool.core.fit_tile import Tile as _Tile
+
 FIT_SCHEMES = ("symmetric", "symmetric-unsigned", "asymmetric")
 # As in qtool.core.schemes: the smallest scale ever stored (a zero scale would give inf/NaN).
 MIN_SCALE = float(np.finfo(np.float32).tiny)
@@ -51,11 +53,11 @@ DEFAULT_ROUNDS = 3
 TILE_ELEMS = 1 << 17
 # Rows no longer than this are processed transposed, (n, rows): numpy reduces a short inner
 # axis row by row (~2 ns per value for a min over 32), but an outer axis with SIMD over the
-# rows (~0.15 ns); the transposed copy costs ~0.7 ns once. Up to 256 the transposed fit was
-# measured as fast or faster (n = 96: 0.047 s against 0.052 s for 2M values; 128: 0.040
-# against 0.045; 256: equal), and the C kernel (fit_kernel.py) reproduces exactly this
-# layout's sums, so every group size up to 256 goes through it.
-_TRANSPOSE_MAX_N = 256
+# rows (~0.15 ns); the transposed copy costs ~0.7 ns once. Up to 2048 the transposed fit was
+# measured as fast or faster than the long-row layout (fit_tile.py; 1M values: n = 512
+# 0.018 s against 0.041 s, 1408: 0.020 against 0.027; 4096: 0.032 against 0.025), and its
+# float32 sums run over at most 2048 values. The C kernel reproduces both layouts.
+_TRANSPOSE_MAX_N = 2048
 
 
 @dataclass(frozen=True)
@@ -181,42 +183,6 @@ def fit_search(
     return out
 
 
-class _Tile:
-    """A (rows, cols) piece of the block in the layout its reductions are fast in.
-
-    Row layout keeps (r, n); short rows are copied transposed, (n, r). Per-row vectors are
-    broadcast with :meth:`bc`, per-row sums taken with :meth:`sum` / :meth:`dot` (in the
-    tile's dtype, over at most TILE_ELEMS values, then added up in float64 across tiles).
-    """
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.t = x.shape[1] <= _TRANSPOSE_MAX_N
-        self.r = x.shape[0]
-        # A single row is given a twin column: numpy sums an outer axis of one column
-        # pairwise, but of two or more columns strictly in order, the order the C kernel
-        # (_fit.c) reproduces, so that every row's fit is the same whatever its tile.
-        xt = np.repeat(x.T, 2, axis=1) if self.t and self.r == 1 else x.T
-        self.x = np.ascontiguousarray(xt) if self.t else x
-        self.ones = None if self.t else np.ones(x.shape[1], x.dtype)
-        self.wt: np.ndarray | None = None  # the weights, once known
-
-    def bc(self, v: np.ndarray) -> np.ndarray:
-        v = v.astype(self.x.dtype, copy=False)
-        return v if self.t else v[:, None]
-
-    def sum(self, a: np.ndarray) -> np.ndarray:
-        return (a.sum(axis=0)[: self.r] if self.t else a @ self.ones).astype(np.float64)
-
-    def dot(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        if self.t:
-            return np.einsum("ij,ij->j", a, b)[: self.r].astype(np.float64)
-        return np.einsum("ij,ij->i", a, b).astype(np.float64)
-
-    def reduce(self, op: np.ufunc) -> np.ndarray:
-        return (op.reduce(self.x, axis=0)[: self.r] if self.t
-                else op.reduce(self.x, axis=1)).astype(np.float64)
-
-
 def _requant(tile: _Tile, s32: np.ndarray, zp: np.ndarray, qmin: int, qmax: int,
              out: np.ndarray) -> np.ndarray:
     """qtool's formula on a tile: clip(rint(x / scale) + zp, qmin, qmax), into ``out``."""
@@ -316,12 +282,12 @@ def _fit_block(x: np.ndarray, qmin: int, qmax: int, scheme: str, weighted: bool,
     step = max(1, TILE_ELEMS // r) if r > 1 else TILE_ELEMS
     spans = [slice(c, min(n, c + step)) for c in range(0, n, step)]
     # The common case is one tile: prepared once (copy, weights) and reused in every phase.
-    cached = _Tile(x) if len(spans) == 1 else None
+    cached = _Tile(x, x.shape[1] <= _TRANSPOSE_MAX_N) if len(spans) == 1 else None
     inv_rms: np.ndarray | None = None  # known after phase 1; then tiles carry their weights
 
     def tiles() -> Iterator[_Tile]:
         for sp in spans:
-            tile = cached if cached is not None else _Tile(x[:, sp])
+            tile = cached if cached is not None else _Tile(x[:, sp], n <= _TRANSPOSE_MAX_N)
             if weighted and inv_rms is not None and tile.wt is None:
                 # |x| / rms <= sqrt(n), but 1 / rms alone overflows float32 for rows of
                 # subnormal values: the product is formed in float64, then narrowed.

@@ -1,14 +1,12 @@
-"""``--range search`` through the C kernel (``qtool/core/_fit.c``): the fit of
-:mod:`qtool.core.fit`, with the same scales and zero points bit for bit, in one pass over the
-values instead of about forty numpy calls per tile.
+"""``--range search`` through the C kernel (``_fit.c``, ``_fit_long.c``): the fit of
+:mod:`qtool.core.fit`, with the same scales, zero points and errors bit for bit, in one pass
+over the values per candidate instead of about forty numpy calls per tile.
 
-Which fits go through it: float32 or bfloat16 rows, unweighted (what ``--range search``
-fits), units of at most 256 values (``fit._TRANSPOSE_MAX_N``): groups of up to 256, and
-channels of rows that short. Longer units (per channel of long rows, per tensor) stay in
-numpy: there fit.py sums each row with BLAS and einsum along it, whose summation order is
-theirs (blocked, fused multiply-add where the CPU has it) and cannot be reproduced bit for
-bit; numpy is also efficient on long rows, where the per-call overhead is spread over
-thousands of values.
+Every unfitted (plain squared error) fit of float32 or bfloat16 values goes through it:
+groups and channels (units of up to 2048 values, side by side in vector lanes, as fit.py's
+transposed tiles; longer ones one at a time, in fit_tile.py's lanes) and the whole tensor.
+The weighted fit (``fit_search(weighted=True)``, not used by the quantizer) and float64
+tensors stay in numpy.
 
 Numeric core: numpy in, numpy out, no files, no terminal.
 """
@@ -28,7 +26,7 @@ _SCHEMES = {"asymmetric": 0, "symmetric": 1, "symmetric-unsigned": 2}
 
 def supported(unit_len: int, scheme: str) -> bool:
     """Whether units of ``unit_len`` values under ``scheme`` are fitted by the kernel."""
-    return scheme in _SCHEMES and 1 <= unit_len <= F._TRANSPOSE_MAX_N
+    return scheme in _SCHEMES and unit_len >= 1
 
 
 def fit_units(kernels: Any, raw: np.ndarray, src: int, rows: int, cols: int, group: int,
@@ -50,25 +48,36 @@ def fit_units(kernels: Any, raw: np.ndarray, src: int, rows: int, cols: int, gro
                 np.empty(units, np.float64), np.empty(units, np.float64))
     finite, lowest = kernels.fit_search(raw, src, rows, cols, g, _SCHEMES[spec.scheme],
                                         float(qmin), float(qmax), tuple(map(float, ratios)),
-                                        F.DEFAULT_ROUNDS, out.scale, out.zero_point, out.error,
-                                        out.minmax_error)
+                                        F.DEFAULT_ROUNDS, F.TILE_ELEMS, out.scale, out.zero_point,
+                                        out.error, out.minmax_error)
     if not finite:
         return None
     lo, hi = F.fit_range(out, spec.bits, spec.scheme)
     return out, lowest, lo.reshape(rows, -1), hi.reshape(rows, -1)
 
 
+def tensor_range(kernels: Any, x: np.ndarray, spec: QuantSpec
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """find_range(x.reshape(1, -1), spec) of a per-tensor ``--range search`` through the
+    kernel, or None where numpy does it (no kernel, another range, not contiguous float32,
+    empty, NaN or inf)."""
+    if kernels is None or spec.range != "search" or x.dtype != np.float32 or \
+            not x.flags.c_contiguous or x.size == 0:
+        return None
+    got = fit_units(kernels, x, 0, 1, x.size, x.size, spec)
+    return None if got is None else (got[2].reshape(-1), got[3].reshape(-1))
+
+
 def fit_search_kernel(kernels: Any, x: np.ndarray, bits: int, scheme: str = "asymmetric"
                       ) -> F.Fit:
-    """fit.fit_search(x, bits, scheme) of a float32 (units, n) array through the kernel
-    (n <= 256). Raises ValueError on NaN or inf, as fit_search does."""
+    """fit.fit_search(x, bits, scheme) of a float32 (units, n) array through the kernel.
+    Raises ValueError on NaN or inf, as fit_search does."""
     x = np.ascontiguousarray(x, np.float32)
     units, n = x.shape
     if units == 0 or n == 0:
         return F.fit_search(x, bits, scheme)
     if not supported(n, scheme):
-        raise ValueError(f"the kernel fits units of 1 to {F._TRANSPOSE_MAX_N} values under "
-                         f"{', '.join(_SCHEMES)}; not {n} under {scheme!r}")
+        raise ValueError(f"the kernel fits {', '.join(_SCHEMES)}; not {scheme!r}")
     spec = QuantSpec(scheme, bits, "group", n, range="search")
     got = fit_units(kernels, x, 0, units, n, n, spec)
     if got is None:

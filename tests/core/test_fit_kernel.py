@@ -1,6 +1,7 @@
-"""--range search through the C kernel (qtool/core/_fit.c): the same scales, zero points and
-errors as fit.py's numpy fit, bit for bit, on any data; and the quantize pipeline sends
-exactly the units of at most 256 values to it and stores the same bytes either way."""
+"""--range search through the C kernel (qtool/core/_fit.c, _fit_long.c): the same scales,
+zero points and errors as fit.py's numpy fit, bit for bit, on any data and units of any
+length; and the quantize pipeline sends every search fit to it (groups, channels, the whole
+tensor) and stores the same bytes either way."""
 
 from __future__ import annotations
 
@@ -93,6 +94,30 @@ def test_kernel_fit_edge_units():
         assert_same_fit(*both(np.ascontiguousarray(y), 4, "asymmetric"))
 
 
+@pytest.mark.parametrize("n", [257, 1408, 2048, 2049, 2304, 5000])
+def test_kernel_fit_is_the_numpy_fit_on_long_units(n):
+    # Up to 2048 values the batch path (transposed); longer units one at a time, in
+    # fit_tile.py's 256 lanes, the values past the last whole row of lanes in the first ones.
+    rng = np.random.default_rng(n)
+    x = (rng.standard_t(4, (5, n)) * 0.02).astype(np.float32)
+    x[3] = 0.25  # constant
+    x[4, : n // 2] = 0.0
+    for bits in (2, 4, 8):
+        for scheme in SCHEMES:
+            assert_same_fit(*both(x, bits, scheme))
+
+
+def test_kernel_fit_is_the_numpy_fit_on_units_longer_than_a_tile(monkeypatch):
+    # fit.py sums a unit longer than TILE_ELEMS tile by tile (float64 across tiles); the
+    # kernel is given the tile size and does the same.
+    monkeypatch.setattr(F, "TILE_ELEMS", 1000)
+    rng = np.random.default_rng(9)
+    x = (rng.standard_t(4, (3, 4500)) * 0.02).astype(np.float32)
+    x[2, 4000:] = 1e-42  # a last tile of subnormal values: its error summed in float64
+    for scheme in SCHEMES:
+        assert_same_fit(*both(x, 4, scheme))
+
+
 def test_a_row_is_fitted_alike_alone_and_among_others():
     # numpy sums a single row's tile in another order than a tile of several; fit.py gives
     # such a tile a twin column so that each row's fit is the same however it is tiled.
@@ -105,7 +130,7 @@ def test_a_row_is_fitted_alike_alone_and_among_others():
         assert one.error[0] == whole.error[i]
 
 
-def test_kernel_rejects_nan_and_inf_and_long_units():
+def test_kernel_rejects_nan_inf_and_bad_arguments():
     x = np.zeros((3, 32), np.float32)
     for bad in (np.nan, np.inf, -np.inf):
         y = x.copy()
@@ -114,10 +139,15 @@ def test_kernel_rejects_nan_and_inf_and_long_units():
             fit_kernel.fit_search_kernel(K, y, 4)
         spec = QuantSpec("asymmetric", 4, "group", 32, range="search")
         assert fit_kernel.fit_units(K, y, 0, 3, 32, 32, spec) is None
-    with pytest.raises(ValueError, match="1 to 256 values"):
-        fit_kernel.fit_search_kernel(K, np.zeros((2, 257), np.float32), 4)
+    for i in (100, 2650):  # in a long unit: in its rows of lanes, and past the last one
+        y = np.zeros((2, 2700), np.float32)
+        y[1, i] = np.inf
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fit_kernel.fit_search_kernel(K, y, 4)
     with pytest.raises(ValueError):
-        K.fit_search(x, 0, 3, 32, 32, 0, 0.0, 15.0, (), 3, np.empty(2, np.float32),
+        fit_kernel.fit_search_kernel(K, x, 8, "gnmt")
+    with pytest.raises(ValueError):
+        K.fit_search(x, 0, 3, 32, 32, 0, 0.0, 15.0, (), 3, 1000, np.empty(2, np.float32),
                      np.empty(3, np.int32), np.empty(3), np.empty(3))  # a buffer too short
 
 
@@ -195,13 +225,17 @@ def test_narrow_or_double_quantized_scales_through_the_kernel(extra, monkeypatch
     np.testing.assert_array_equal(k.zero_point, n.zero_point)
 
 
-@pytest.mark.parametrize("gran,g,cols", [("group", 512, 1024), ("channel", 128, 300),
-                                         ("tensor", 128, 32)])
-def test_long_units_stay_in_numpy_and_agree(gran, g, cols, monkeypatch):
+@pytest.mark.parametrize("gran,g,cols", [("group", 512, 1100), ("group", 4096, 4500),
+                                         ("channel", 128, 300), ("channel", 128, 2100),
+                                         ("tensor", 128, 32), ("tensor", 128, 700)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_units_and_whole_tensors_through_the_kernel(gran, g, cols, dtype, monkeypatch):
     w = (np.random.default_rng(2).standard_t(4, (12, cols)) * 0.02).astype(np.float32)
+    if dtype == "bfloat16":
+        w = bf16.from_float32(w)
     k, n, calls = quantize_both(w, QuantSpec("asymmetric", 4, gran, g, range="search"),
                                 monkeypatch)
-    assert not calls
+    assert calls
     np.testing.assert_array_equal(k.data, n.data)
     np.testing.assert_array_equal(k.scale, n.scale)
 
