@@ -184,9 +184,10 @@ def _ranges_or_nonfinite(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np
     # find_range rejects NaN/inf (they propagate into min/max, so its check is free);
     # count them here, where the tensor is known, for a useful message.
     try:
+        if (got := fit_kernel.ranges(_kernels, x, spec)) is not None:  # --range search in C
+            return got
         if spec.granularity == "tensor":
-            got = fit_kernel.tensor_range(_kernels, x, spec)  # None: not for the kernel
-            return got if got is not None else find_range(x.reshape(1, -1), spec)
+            return find_range(x.reshape(1, -1), spec)
         return _unit_ranges(x, spec)
     except ValueError:
         bad = int(np.count_nonzero(~np.isfinite(x)))

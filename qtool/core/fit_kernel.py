@@ -56,16 +56,23 @@ def fit_units(kernels: Any, raw: np.ndarray, src: int, rows: int, cols: int, gro
     return out, lowest, lo.reshape(rows, -1), hi.reshape(rows, -1)
 
 
-def tensor_range(kernels: Any, x: np.ndarray, spec: QuantSpec
-                 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """find_range(x.reshape(1, -1), spec) of a per-tensor ``--range search`` through the
-    kernel, or None where numpy does it (no kernel, another range, not contiguous float32,
-    empty, NaN or inf)."""
+def ranges(kernels: Any, x: np.ndarray, spec: QuantSpec
+           ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ``--range search`` ranges of a (rows, cols) block in compute dtype as the numpy
+    path finds them (blocks._ranges_or_nonfinite: (1,) arrays per tensor, (rows, units) per
+    channel or group), through the kernel; None where numpy does it (no kernel, another
+    range, not contiguous float32, empty, NaN or inf). E.g. float16 values widened by the
+    caller, which the quantizing kernel does not take, still get the C fit."""
     if kernels is None or spec.range != "search" or x.dtype != np.float32 or \
-            not x.flags.c_contiguous or x.size == 0:
+            not x.flags.c_contiguous or x.size == 0 or x.ndim != 2:
         return None
-    got = fit_units(kernels, x, 0, 1, x.size, x.size, spec)
-    return None if got is None else (got[2].reshape(-1), got[3].reshape(-1))
+    rows, cols = (1, x.size) if spec.granularity == "tensor" else x.shape
+    g = spec.group_size if spec.granularity == "group" else cols
+    got = fit_units(kernels, x, 0, rows, cols, g, spec)
+    if got is None:
+        return None
+    lo, hi = got[2], got[3]
+    return (lo.reshape(-1), hi.reshape(-1)) if spec.granularity == "tensor" else (lo, hi)
 
 
 def fit_search_kernel(kernels: Any, x: np.ndarray, bits: int, scheme: str = "asymmetric"

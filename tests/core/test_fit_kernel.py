@@ -179,7 +179,7 @@ def quantize_both(w: np.ndarray, spec: QuantSpec, monkeypatch) -> tuple:
     ("group", 16, 16), ("group", 8, 3),  # a group longer than the row
     ("channel", 128, 48),  # rows of 48 values: per channel, through the kernel
 ])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_quantize_through_the_kernel_writes_the_numpy_bytes(scheme, gran, g, cols, dtype,
                                                              monkeypatch):
     rng = np.random.default_rng(cols)
@@ -188,6 +188,8 @@ def test_quantize_through_the_kernel_writes_the_numpy_bytes(scheme, gran, g, col
         w = np.abs(w)
     if dtype == "bfloat16":
         w = bf16.from_float32(w)
+    elif dtype == "float16":  # widened to float32 for numpy's quantizer; the fit still in C
+        w = w.astype(np.float16)
     spec = QuantSpec(scheme, 4, gran, g, range="search")
     k, n, calls = quantize_both(w, spec, monkeypatch)
     assert calls, "the kernel fit was not used"
@@ -199,7 +201,8 @@ def test_quantize_through_the_kernel_writes_the_numpy_bytes(scheme, gran, g, col
     q = k.values().astype(np.int64)
     assert q.min() >= spec.qmin and q.max() <= spec.qmax
     assert np.all((k.zero_point >= 0) & (k.zero_point <= spec.qmax))
-    wf = bf16.as_float(w, np.dtype(np.float32)) if dtype == "bfloat16" else w
+    wf = bf16.as_float(w, np.dtype(np.float32)) if dtype == "bfloat16" else \
+        w.astype(np.float32)
     w_hat = dequantize(k.data, k.scale, k.zero_point, wf.shape, spec, np.float32)
     unit = np.minimum(np.arange(cols) // (g if gran == "group" else cols),
                       k.scale.shape[1] - 1)
