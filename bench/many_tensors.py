@@ -119,6 +119,16 @@ def measure_one(argv: list[str]) -> tuple[float, int, float, int]:
     return wall, peak, cpu, rc
 
 
+def qtool_from(tree: Path) -> list[str]:
+    """The qtool command run from the source tree ``tree`` (another checkout, e.g. a `git
+    archive` of an older commit with its compiled kernels copied in) instead of the editable
+    install, for before/after tables."""
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in "
+            f"repr(f)]; sys.path.insert(0, {str(tree)!r}); sys.argv[0] = 'qtool'; "
+            "from qtool.entry import main; main()")
+    return [sys.executable, "-c", code]
+
+
 def commands(src: Path, work: Path) -> list[tuple[str, list[str]]]:
     art = work / "art"
     return [
@@ -175,7 +185,11 @@ def main() -> None:
     me.add_argument("--kind", choices=("empty", "tiny"), default="empty")
     me.add_argument("--shards", type=int, default=0)
     me.add_argument("--only", default="", help="comma-separated command labels")
+    me.add_argument("--tree", type=Path, help="run qtool from this source tree")
     args = ap.parse_args()
+    if getattr(args, "tree", None) is not None:
+        global QTOOL
+        QTOOL = qtool_from(args.tree.resolve())
     if args.cmd == "make":
         print(make(args.out, args.count, args.kind, args.name_len, args.shards))
     else:

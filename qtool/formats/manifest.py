@@ -10,7 +10,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from qtool import __version__
 from qtool.core.metrics import ErrorStats
@@ -34,6 +34,7 @@ from qtool.formats.manifest_text import (  # noqa: F401  (seal* and _serialize: 
     read_streamed,
     seal,
     seal_streamed,
+    write_sealed,
 )
 
 FORMAT_VERSION = 2
@@ -269,7 +270,14 @@ class Manifest:
     digest: str = _digest.DEFAULT  # the algorithm of every digest in the manifest
 
     def to_json(self) -> str:
-        doc: dict[str, Any] = {
+        return seal_streamed(self._head(), (t.to_json() for t in self.tensors))
+
+    def write(self, out: TextIO) -> None:
+        """``to_json()`` written to ``out`` a record at a time (never the whole text)."""
+        write_sealed(out, self._head(), lambda: (t.to_json() for t in self.tensors))
+
+    def _head(self) -> dict[str, Any]:
+        return {
             "format": "qtool",
             "format_version": self.format_version,
             "qtool_version": self.qtool_version,
@@ -279,7 +287,6 @@ class Manifest:
             "index": self.index,
             "files": self.files,
         }
-        return seal_streamed(doc, (t.to_json() for t in self.tensors))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:

@@ -13,7 +13,7 @@ import json
 import os
 from array import array
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from qtool.formats import digest as _digest
 from qtool.formats._common import check_strict_utf8, reject_constant
@@ -55,6 +55,34 @@ def seal_streamed(head: dict[str, Any], tensors: Iterator[dict[str, Any]]) -> st
     del body
     return _serialize(doc).replace(
         mark, "[\n  " + ",\n  ".join(text) + "\n ]" if text else "[]", 1)
+
+
+def write_sealed(out: TextIO, head: dict[str, Any],
+                 records: Callable[[], Iterator[dict[str, Any]]]) -> None:
+    """``seal_streamed(head, records())`` written to ``out`` piece by piece, holding neither
+    the records' texts nor the whole text: ``records()`` is iterated twice, once for the
+    canonical digest (hashed a record at a time), once for the text (whose manifest_digest,
+    the last key, follows the records)."""
+    mark = json.dumps(os.urandom(16).hex())  # a placeholder no other value can equal
+    doc = {k: v for k, v in head.items() if k != "manifest_digest"} | {"tensors": mark[1:-1]}
+    algorithm = doc.get("digest", _digest.DEFAULT)
+    before, after = json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False).split(mark, 1)
+    hasher = _digest.new(algorithm)
+    hasher.update((before + "[").encode("utf-8"))
+    for k, t in enumerate(records()):
+        hasher.update((("," if k else "") + json.dumps(
+            t, sort_keys=True, separators=(",", ":"), ensure_ascii=False)).encode("utf-8"))
+    hasher.update(("]" + after).encode("utf-8"))
+    doc["manifest_digest"] = hasher.hexdigest()
+    text_before, text_after = _serialize(doc).split(mark, 1)
+    out.write(text_before)
+    first = True
+    for t in records():
+        out.write(("[\n  " if first else ",\n  ") + json.dumps(t, indent=1).replace("\n", "\n  "))
+        first = False
+    out.write("[]" if first else "\n ]")
+    out.write(text_after)
 
 
 def canonical_digest(doc: dict[str, Any], algorithm: str) -> str:

@@ -148,7 +148,8 @@ class NativeSink:
         manifest = Manifest(source=source, tensors=records, files=self.files,
                             shards=self.shards, index=index_name,
                             format_version=SCALE_BITS_VERSION if coded else FORMAT_VERSION)
-        (self.root / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
+        with open(self.root / MANIFEST, "w", encoding="utf-8") as f:
+            manifest.write(f)  # record by record: never the whole text of 200,000 records
 
     def abort(self) -> None:
         for w in self._writers:
