@@ -94,7 +94,9 @@ class SafetensorsWriter:
             names.add(name)
             if code not in DTYPES:
                 raise ValueError(f"tensor {name!r}: unknown dtype code {code!r}")
-            dims = tuple(int(d) for d in shape)
+            # The caller's tuple when it is one of ints (no copy per tensor), else converted.
+            dims = shape if type(shape) is tuple and all(type(d) is int for d in shape) \
+                else tuple(int(d) for d in shape)
             if any(d < 0 for d in dims):
                 raise ValueError(f"tensor {name!r}: negative dimension in shape {dims}")
             nbytes = math.prod(dims) * DTYPES[code].itemsize

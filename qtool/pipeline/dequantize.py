@@ -116,7 +116,7 @@ def _dequantize_shard(
                 return OUT_DTYPES[dtype]
             return rec.dtype
 
-        entries = [(r.name, out_code(r), r.shape) for r in records]
+        entries = ((r.name, out_code(r), r.shape) for r in records)  # read once, by the writer
         # A restored checkpoint is not an artifact: no digest. A thread writes behind the
         # compute, from a few recycled buffers.
         buffers = _Buffers()
