@@ -393,9 +393,9 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
 
             console.print(render_chart(rep, chart, console.width))
         else:
-            from qtool.report.tables import render_report
-
-            console.print(render_report(rep, sort, top, console.width, show_all=show_all))
+            from qtool.report.tables import render_report_parts
+            for part in render_report_parts(rep, sort, top, console.width, show_all=show_all):
+                console.print(part)  # part by part: a large table comes in chunks
     elif fmt == "html":
         from qtool.report.html import to_html
         from qtool.report.weights import histograms

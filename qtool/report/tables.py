@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +50,12 @@ class _Col:
     priority: int  # lower is kept first when the terminal is narrow; equal: all or none
     justify: str = "right"
     key: str = ""  # what it shows, for columns that move into the subtitle when constant
+    fixed: int | None = None  # the width, when measured without keeping the cells
 
     @property
     def width(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
         lines = [ln for c in self.cells for ln in c.plain.split("\n")]
         return max(len(x) for x in [*self.header.split("\n"), *lines])
 
@@ -77,6 +80,13 @@ def _constant_settings(report: Report, rows: list[Row]) -> dict[str, str]:
     return out
 
 
+LARGE_TABLE = 5000
+"""Rows above which the table is drawn in chunks of _CHUNK rows (same columns, widths fixed
+from every row), each printed as it is made: Rich holds a table's cells and its rendered
+lines whole, hundreds of MB for 100,000 rows."""
+_CHUNK = 1000
+
+
 def render_report(report: Report, sort: str | None = None, top: int | None = None,
                   width: int = 80, show_all: bool = False) -> RenderableType:
     """The Rich renderable of the report for a terminal ``width`` columns wide: the tensor
@@ -86,13 +96,20 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
     Tensors kept in float by every group are summed into one line (``show_all`` lists them,
     one line each); columns whose value never changes move into the subtitle; names that do
     not fit lose their common prefix, then middle parts ("layers.3.….q_proj.weight")."""
+    return Group(*render_report_parts(report, sort, top, width, show_all))
+
+
+def render_report_parts(report: Report, sort: str | None = None, top: int | None = None,
+                        width: int = 80, show_all: bool = False) -> Iterator[RenderableType]:
+    """:func:`render_report` one part at a time, for printing part by part: with more than
+    LARGE_TABLE rows shown, the table comes as chunks of _CHUNK rows."""
     rows = report.sorted_rows(sort, top)
     kept = [r for r in rows if _kept_everywhere(r)]
     if not show_all:
         rows = [r for r in rows if not _kept_everywhere(r)]
     prefix = _common_prefix(r.name for r in report.rows)
-    cols = _artifact_cols(report, rows) if report.kind == "artifact" else \
-        _dry_run_cols(report, rows)
+    big = len(rows) > LARGE_TABLE
+    cols = _measured_cols(report, rows) if big else _cols_for(report, rows)
     constant = _constant_settings(report, rows)
     cols = [c for c in cols if c.key not in constant]
     full = [_safe(r.name[len(prefix):]) for r in rows]
@@ -116,25 +133,21 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
     shown = [c for c in cols if c in chosen]
     # What the chosen columns leave goes back to the names.
     name_w = max(NAME_MIN_WIDTH, min(longest, name_w + max(budget, 0)))
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
-                  padding=(0, 1), header_style="bold")
-    table.add_column("tensor", no_wrap=True, min_width=min(NAME_MIN_WIDTH, name_w),
-                     max_width=name_w)
-    for c in shown:
-        table.add_column(c.header, justify=c.justify, no_wrap=True)  # type: ignore[arg-type]
-    for i, name in enumerate(full):
-        cell = Text(fit_name(name, name_w))
-        table.add_row(cell, *[c.cells[i] for c in shown])
-    parts: list[RenderableType] = [Text.assemble(("qtool report ", "bold"), _safe(report.path)),
-                                   Text(_subtitle(report), style="dim")]
+    yield Text.assemble(("qtool report ", "bold"), _safe(report.path))
+    yield Text(_subtitle(report), style="dim")
     if constant:
-        parts.append(Text("every quantized tensor: " + ", ".join(constant.values()),
-                          style="dim"))
+        yield Text("every quantized tensor: " + ", ".join(constant.values()), style="dim")
     if prefix:
-        parts.append(Text(f"tensor names below start with {prefix!r}", style="dim"))
-    parts.append(table)
+        yield Text(f"tensor names below start with {prefix!r}", style="dim")
+    if big:
+        yield from _chunked_table(report, rows, full, shown, name_w)
+    else:
+        table = _table(shown, name_w, None, True)
+        for i, name in enumerate(full):
+            table.add_row(Text(fit_name(name, name_w)), *[c.cells[i] for c in shown])
+        yield table
     if kept and not show_all:
-        parts.append(Text(_kept_line(kept)))
+        yield Text(_kept_line(kept))
     notes = []
     if top is not None and top < len(report.rows):
         notes.append(f"showing {top} of {len(report.rows)} tensors")
@@ -145,19 +158,67 @@ def render_report(report: Report, sort: str | None = None, top: int | None = Non
         notes.append("n/a: the scheme cannot quantize the tensor (the reason is in "
                      "--format json)")
     if notes:
-        parts.append(Text("; ".join(notes), style="dim"))
-    parts += [Text(""), _totals_table(report)]
+        yield Text("; ".join(notes), style="dim")
+    yield Text("")
+    yield _totals_table(report)
     for label, t in zip(report.labels, report.totals, strict=True):
         if t.worst is not None:
             who = "" if report.kind == "artifact" else f" ({label})"
-            parts.append(Text(f"worst tensor{who}: {_safe(t.worst.name)}, SQNR "
-                              f"{_fmt_sqnr(t.worst.sqnr_db)} dB, max abs error "
-                              f"{_fmt_err(t.worst.max_abs_error)}"))
-    parts.append(Text("estimates (docs/ENERGY.md):\n" + "\n".join(
-        f"- {a}" for a in assumptions(report.energy_model, report.workload)), style="dim"))
+            yield Text(f"worst tensor{who}: {_safe(t.worst.name)}, SQNR "
+                       f"{_fmt_sqnr(t.worst.sqnr_db)} dB, max abs error "
+                       f"{_fmt_err(t.worst.max_abs_error)}")
+    yield Text("estimates (docs/ENERGY.md):\n" + "\n".join(
+        f"- {a}" for a in assumptions(report.energy_model, report.workload)), style="dim")
     for o in report.offenders:
-        parts.append(Text(f"FAIL {o.message()}", style="bold red"))
-    return Group(*parts)
+        yield Text(f"FAIL {o.message()}", style="bold red")
+
+
+def _cols_for(report: Report, rows: list[Row]) -> list[_Col]:
+    return _artifact_cols(report, rows) if report.kind == "artifact" else \
+        _dry_run_cols(report, rows)
+
+
+def _table(shown: list[_Col], name_w: int, widths: list[int] | None, header: bool) -> Table:
+    """The tensor table's frame; ``widths``: fixed column widths (a chunk of a large table,
+    name column first), else Rich sizes the columns from their cells."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True,
+                  padding=(0, 1), header_style="bold", show_header=header)
+    if widths is None:
+        table.add_column("tensor", no_wrap=True, min_width=min(NAME_MIN_WIDTH, name_w),
+                         max_width=name_w)
+        for c in shown:
+            table.add_column(c.header, justify=c.justify, no_wrap=True)  # type: ignore[arg-type]
+        return table
+    table.add_column("tensor", no_wrap=True, width=widths[0])
+    for c, w in zip(shown, widths[1:], strict=True):
+        table.add_column(c.header, justify=c.justify, no_wrap=True, width=w)  # type: ignore[arg-type]
+    return table
+
+
+def _measured_cols(report: Report, rows: list[Row]) -> list[_Col]:
+    """The columns of ``rows`` with their widths over every row but no cells (built and
+    dropped a chunk at a time)."""
+    cols: list[_Col] = []
+    for start in range(0, len(rows), _CHUNK):
+        chunk = _cols_for(report, rows[start:start + _CHUNK])
+        if not cols:
+            cols = [_Col(c.header, [], c.priority, c.justify, c.key, c.width) for c in chunk]
+        for c, m in zip(chunk, cols, strict=True):
+            m.fixed = max(m.width, c.width)
+    return cols
+
+
+def _chunked_table(report: Report, rows: list[Row], full: list[str], shown: list[_Col],
+                   name_w: int) -> Iterator[Table]:
+    names = [fit_name(n, name_w) for n in full]
+    widths = [max([len("tensor"), *(len(n) for n in names)])] + [c.width for c in shown]
+    keep = {c.header for c in shown}
+    for start in range(0, len(rows), _CHUNK):
+        cells = [c for c in _cols_for(report, rows[start:start + _CHUNK]) if c.header in keep]
+        table = _table(shown, name_w, widths, start == 0)
+        for i, name in enumerate(names[start:start + _CHUNK]):
+            table.add_row(Text(name), *[c.cells[i] for c in cells])
+        yield table
 
 
 def _kept_line(kept: list[Row]) -> str:
