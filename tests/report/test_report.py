@@ -864,3 +864,39 @@ def test_dry_run_takes_recipe_and_nan_policy(tmp_path):
     assert "NaN" in rows["bad.weight"]["results"]["symmetric"]["passthrough"]
     # packed 4-bit: 8 rows x 32 bytes, plus 8 x 4 float32 scales and one 0-d zero point
     assert mlp["quantized_bytes"] == 8 * 32 + 8 * 4 * 4 + 1
+
+
+@pytest.mark.parametrize("args", [(), ("--scheme", "asymmetric", "--bits", "4",
+                                       "--granularity", "group", "--group-size", "2")])
+@pytest.mark.parametrize("width", [60, 120])
+def test_a_large_table_drawn_in_chunks_reads_as_the_whole_table(tmp_path, monkeypatch, args,
+                                                                width):
+    """Above LARGE_TABLE rows the table is built and printed a chunk at a time (bounded
+    memory for 100,000 tensors); its text is the one table's, colours included."""
+    from qtool.formats.native import Artifact
+    from qtool.report import tables
+
+    rng = np.random.default_rng(3)
+    tensors = {f"model.layers.{i}.mlp.{'up' if i % 2 else 'down'}_proj.weight":
+               (rng.standard_normal((3 + i % 4, 8)) * 10.0 ** (i % 5 - 2)).astype(np.float32)
+               for i in range(23)}
+    tensors["model.norm.weight"] = np.ones(8, np.float32)
+    src, out = _quantize(tmp_path, tensors, *args)
+    report = artifact_report(out, Artifact.open(out).manifest.tensors)
+
+    def render(parts) -> str:
+        buf = io.StringIO()
+        console = Console(file=buf, force_terminal=True, color_system="standard", width=width)
+        for part in parts:
+            console.print(part)
+        return buf.getvalue()
+
+    for show_all in (False, True):
+        whole = render([render_report(report, "sqnr", width=width, show_all=show_all)])
+        monkeypatch.setattr(tables, "LARGE_TABLE", 5)
+        monkeypatch.setattr(tables, "_CHUNK", 4)
+        chunked = render(tables.render_report_parts(report, "sqnr", width=width,
+                                                    show_all=show_all))
+        monkeypatch.undo()
+        assert chunked == whole
+        assert sum("model" not in ln and "proj" in ln for ln in whole.splitlines()) >= 23
