@@ -28,10 +28,12 @@ from qtool.console import (
 )
 from qtool.group import EXIT_BAD_INPUT, EXIT_OK, QtoolGroup
 from qtool.options import (
+    DRY_RUN_PARAMS,
     SCHEME_CHOICES,
     _dry_run_specs,
     _load_rules,
     _make_spec,
+    _make_target,
     _workload,
     estimate_options,
     ineffective_option_warnings,
@@ -96,14 +98,16 @@ def quantize(src: Path, out_dir: Path, scheme: str, granularity: str, bits: int,
         raise click.BadParameter(f"scheme gnmt is always per row, not {granularity}",
                                  param_hint="'--granularity'")
     as_json = as_json or fmt == "json"
-    spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile, scale_bits)
+    target = _make_target(target_bits, target_sqnr, scale_bits)  # codes: for its candidates
+    spec = _make_spec(scheme, granularity, bits, group_size, range_, percentile,
+                      None if target else scale_bits)
     rules = _load_rules(recipe)
     opts = QuantizeOptions(spec=spec, skip=skip, only=only, rules=rules,
                            allow_unused_rules=allow_unused_rules, jobs=jobs,
                            source_digest=source_digest, nan_policy=nan_policy, force=force,
                            scale_dtype=scale_dtype)
     t0 = time.perf_counter()
-    results = start_quantize(src, out_dir, opts, target_bits, target_sqnr, write_recipe, quiet)
+    results = start_quantize(src, out_dir, opts, target, write_recipe, quiet)
     plan = results.plan
     console = _err_console(quiet)
     ctx = click.get_current_context()
@@ -211,14 +215,6 @@ def verify(art_dir: Path, fmt: str, as_json: bool, quiet: bool) -> int:
 
 REPORT_FORMATS = ("table", "json", "csv", "markdown", "html")  # qtool.report.model.FORMATS
 REPORT_SORTS = ("name", "sqnr", "error", "size")  # qtool.report.SORT_KEYS
-# Options that only make sense for a dry run over a plain checkpoint.
-DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
-                  "group_size": "--group-size", "range_": "--range",
-                  "percentile": "--percentile", "scale_dtype": "--scale-dtype",
-                  "skip": "--skip", "only": "--only",
-                  "recipe": "--recipe", "allow_unused_rules": "--allow-unused-rules",
-                  "nan_policy": "--nan-policy", "target_bits": "--target-bits",
-                  "target_sqnr": "--target-sqnr"}
 
 
 @cli.command()
@@ -270,7 +266,8 @@ DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits":
 @click.pass_context
 def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity: str,
            bits: tuple[int, ...], group_size: int, range_: str, percentile: float,
-           scale_dtype: str, skip: tuple[str, ...], only: tuple[str, ...], recipe: Path | None,
+           scale_dtype: str, scale_bits: int | None, skip: tuple[str, ...],
+           only: tuple[str, ...], recipe: Path | None,
            allow_unused_rules: bool, nan_policy: str, target_bits: float | None,
            target_sqnr: float | None, original: Path | None,
            against: Path | None, fmt: str, chart: str | None, show_all: bool,
@@ -364,8 +361,9 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
         from qtool.pipeline.measure import dry_run
         from qtool.pipeline.plan import QuantizeOptions
 
+        target = _make_target(target_bits, target_sqnr, scale_bits)
         specs = _dry_run_specs(schemes or ("symmetric",), bits, granularity, group_size,
-                               range_, percentile)
+                               range_, percentile, None if target else scale_bits)
         rules = _load_rules(recipe)
         for w in ineffective_option_warnings(ctx, granularity, range_, rules):
             _warn(w, quiet)
@@ -374,7 +372,7 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
                                    rules=rules,
                                    allow_unused_rules=allow_unused_rules,
                                    nan_policy=nan_policy, jobs=jobs, scale_dtype=scale_dtype)
-            opts = dry_run_options(path, opts, specs, target_bits, target_sqnr, quiet, fmt)
+            opts = dry_run_options(path, opts, specs, target, quiet, fmt)
             drun = dry_run(path, specs, opts)
         except CheckpointError as e:
             if path.is_dir():  # most likely a mistyped artifact directory

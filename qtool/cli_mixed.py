@@ -10,19 +10,14 @@ from typing import Any
 import click
 
 from qtool.console import _err_console, _show_progress
-from qtool.options import _make_target
 
 
-def start_quantize(src: Path, out_dir: Path, opts: Any, target_bits: float | None,
-                   target_sqnr: float | None, write_recipe: Path | None, quiet: bool) -> Any:
-    """The quantize run, with the mixed-precision plan measured and applied when asked for
-    (its summary line on stderr)."""
+def start_quantize(src: Path, out_dir: Path, opts: Any, target: Any,
+                   write_recipe: Path | None, quiet: bool) -> Any:
+    """The quantize run, with the mixed-precision plan (``target``: a pipeline Target or
+    None) measured and applied when asked for (its summary line on stderr)."""
     from qtool.pipeline.run import quantize_checkpoint
 
-    target = _make_target(target_bits, target_sqnr)
-    if target is not None and opts.spec.scale_bits is not None:
-        raise click.UsageError("--scale-bits 8 cannot be combined with --target-bits or "
-                               "--target-sqnr (their candidates have float scales)")
     if write_recipe is not None and write_recipe.is_dir():
         raise click.BadParameter(f"{write_recipe} is a directory", param_hint="'--write-recipe'")
     console = _err_console(quiet)
@@ -54,11 +49,10 @@ def finish_quantize(results: Any, src: Path, write_recipe: Path | None,
         summary["mixed_precision"] = mixed_summary(results.mixed)
 
 
-def dry_run_options(path: Path, opts: Any, specs: list, target_bits: float | None,
-                    target_sqnr: float | None, quiet: bool, fmt: str) -> Any:
+def dry_run_options(path: Path, opts: Any, specs: list, target: Any, quiet: bool,
+                    fmt: str) -> Any:
     """`report SRC --target-bits B`: the plan per tensor on stdout (table format) and its
     summary on stderr; returns the options whose dry run measures it."""
-    target = _make_target(target_bits, target_sqnr)
     if target is None:
         return opts
     if len(specs) > 1:

@@ -14,6 +14,14 @@ SCHEME_CHOICES = ("symmetric", "symmetric-unsigned", "asymmetric", "gnmt")
 # qtool.core.schemes.MAX_GROUP_SIZE, spelled out: importing the core here would load numpy on
 # every start-up (tests/test_cli.py checks that the two agree).
 MAX_GROUP_SIZE = 1 << 24
+# `report`'s options that only make sense for a dry run over a plain checkpoint.
+DRY_RUN_PARAMS = {"schemes": "--scheme", "granularity": "--granularity", "bits": "--bits",
+                  "group_size": "--group-size", "range_": "--range",
+                  "percentile": "--percentile", "scale_dtype": "--scale-dtype",
+                  "scale_bits": "--scale-bits", "skip": "--skip", "only": "--only",
+                  "recipe": "--recipe", "allow_unused_rules": "--allow-unused-rules",
+                  "nan_policy": "--nan-policy", "target_bits": "--target-bits",
+                  "target_sqnr": "--target-sqnr"}
 
 
 def spec_options(f: Any) -> Any:
@@ -56,13 +64,14 @@ def _spec_options(f: Any, multiple_bits: bool) -> Any:
                      help="dtype the scales are stored in: auto is the tensor's own for "
                           "F16/BF16, float32 for F32/F64. q is computed with the stored scale."),
     ]
-    if not multiple_bits:  # quantize only: a storage choice, not a dry-run column
-        opts.append(click.option(
-            "--scale-bits", type=click.Choice(["8"]), default=None,
-            callback=lambda ctx, param, v: None if v is None else int(v),
-            help="8: store group scales as 8-bit codes times one float32 per row (double "
-                 "quantization; 4-bit g32 costs 4.4 bits per weight instead of 4.6 with "
-                 "float16 scales, and measured no worse). Needs -g group; not gnmt."))
+    opts.append(click.option(
+        "--scale-bits", type=click.Choice(["8"]), default=None,
+        callback=lambda ctx, param, v: None if v is None else int(v),
+        help=("Dry run: " if multiple_bits else "") +
+             "8: store group scales as 8-bit codes times one float32 per row (double "
+             "quantization; 4-bit g32 costs 4.4 bits per weight instead of 4.6 with float16 "
+             "scales, and measured no worse). Needs -g group; not gnmt. With --target-bits / "
+             "--target-sqnr: every group candidate has codes (any -g)."))
     for o in reversed(opts):
         f = o(f)
     return f
@@ -115,7 +124,8 @@ def _make_spec(scheme: str, granularity: str, bits: int, group_size: int, range_
 
 
 def _dry_run_specs(schemes: Sequence[str], bits: Sequence[int], granularity: str,
-                   group_size: int, range_: str, percentile: float) -> list[Any]:
+                   group_size: int, range_: str, percentile: float,
+                   scale_bits: int | None = None) -> list[Any]:
     """One spec per (scheme, bit width), schemes first. gnmt is 8-bit only: with several
     widths it takes the 8-bit one alone (and is an error when 8 is not among them)."""
     out = []
@@ -123,7 +133,8 @@ def _dry_run_specs(schemes: Sequence[str], bits: Sequence[int], granularity: str
         widths = list(dict.fromkeys(bits))
         if s == "gnmt" and len(widths) > 1:
             widths = [8] if 8 in widths else widths[:1]
-        out += [_make_spec(s, granularity, b, group_size, range_, percentile) for b in widths]
+        out += [_make_spec(s, granularity, b, group_size, range_, percentile, scale_bits)
+                for b in widths]
     return out
 
 
@@ -218,10 +229,11 @@ def target_options(dry_run: bool) -> Any:
     return deco
 
 
-def _make_target(bits: float | None, sqnr: float | None) -> Any:
-    """--target-bits / --target-sqnr as a pipeline Target, or None for neither."""
+def _make_target(bits: float | None, sqnr: float | None, scale_bits: int | None = None) -> Any:
+    """--target-bits / --target-sqnr as a pipeline Target, or None for neither. With them,
+    --scale-bits goes to the Target (the group candidates get codes), not to the spec."""
     if bits is None and sqnr is None:
         return None
     from qtool.pipeline.mixed import Target
 
-    return Target(bits, sqnr)
+    return Target(bits, sqnr, scale_bits)

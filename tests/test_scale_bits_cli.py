@@ -148,7 +148,10 @@ def test_recipe_scale_bits_per_rule(tmp_path, weights):
 @pytest.mark.parametrize("extra, message", [
     (["-g", "channel"], "needs granularity group"),
     (["--scale-dtype", "float16"], "scale_dtype must be float32"),
-    (["--target-bits", "4.5"], "cannot be combined with --target-bits"),
+    # Mixed precision takes --scale-bits 8 (tests/pipeline/test_mixed_codes.py), not with
+    # another scale dtype for the rows.
+    (["--target-bits", "4.5", "--scale-dtype", "float16"],
+     "--scale-dtype must be float32 or auto, not float16"),
     (["--scale-bits", "4"], "'4' is not '8'"),
 ])
 def test_refusals(tmp_path, weights, extra, message):

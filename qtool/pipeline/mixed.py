@@ -6,6 +6,10 @@ For every tensor the plan would quantize and no recipe rule fixes, each candidat
 range) is quantized in memory and its relative squared error ``error_sq / signal_sq``
 measured; its cost is the tensor's exact stored size (``core.shapes.stored_bytes``: integers,
 scales in the scale dtype, zero points). ``core.allocate`` then picks one candidate per tensor.
+With ``--scale-bits 8`` (``Target.scale_bits``) every group candidate stores its scales as
+8-bit codes times one float32 per row (``core.double_quant``), costed as stored; one scale per
+channel stays a float (there is nothing to code), and a recipe rule's group setting gets codes
+as it would without a target.
 A tensor a recipe rule matches keeps that rule's setting (one candidate: its cost counts
 against the budget; the allocator spends the rest).
 
@@ -34,7 +38,7 @@ from qtool.core.shapes import rows_cols, stored_bytes
 from qtool.formats._common import CheckpointError, TensorInfo
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
-from qtool.pipeline.plan import Plan, QuantizeOptions, Rule, make_plan
+from qtool.pipeline.plan import Plan, QuantizeOptions, Rule, decide, make_plan
 from qtool.pipeline.streams import _blas_single_threaded, _jobs
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -55,10 +59,13 @@ class Target:
 
     bits: float | None = None
     sqnr_db: float | None = None
+    scale_bits: int | None = None  # 8: group candidates with 8-bit scale codes
 
     def __post_init__(self) -> None:
         if self.bits is None and self.sqnr_db is None:
             raise SpecError("give --target-bits, --target-sqnr or both")
+        if self.scale_bits not in (None, 8):
+            raise SpecError(f"--scale-bits must be 8, got {self.scale_bits!r:.40}")
         if self.bits is not None and not (math.isfinite(self.bits) and self.bits > 0):
             raise SpecError(f"--target-bits must be a positive number, got {self.bits}")
         if self.sqnr_db is not None and not math.isfinite(self.sqnr_db):
@@ -104,12 +111,38 @@ class MixedPlan:
         return sum(1 for c in self.choices if c.sampled_rows is not None and c.fixed is None)
 
 
-def candidate_specs(base: QuantSpec, cols: int) -> list[QuantSpec]:
+def candidate_specs(base: QuantSpec, cols: int, scale_bits: int | None = None
+                    ) -> list[QuantSpec]:
     """Bits 2-8 x (groups of 16-256 values, one scale per channel) with ``base``'s scheme,
     range and scale dtype. Group sizes not below the row length are left out: one group per
-    row is the per-channel candidate."""
+    row is the per-channel candidate. With ``scale_bits`` the group candidates store 8-bit
+    scale codes times a float32 per row (instead of, not beside, float scales: measured better
+    per bit at every group size, bench/accuracy.py)."""
     grans = [("group", g) for g in GROUP_SIZES if g < cols] + [("channel", base.group_size)]
-    return [base.with_(bits=b, granularity=gr, group_size=g) for b in BITS for gr, g in grans]
+    out = [base.with_(bits=b, granularity=gr, group_size=g) for b in BITS for gr, g in grans]
+    return [_coded(s, scale_bits) for s in out]
+
+
+def _coded(spec: QuantSpec, scale_bits: int | None) -> QuantSpec:
+    """``spec`` with scale codes when it has group scales and codes were asked for."""
+    if scale_bits is None or spec.granularity != "group":
+        return spec
+    return spec.with_(scale_bits=scale_bits, scale_dtype="float32")
+
+
+def _fixed_spec(info: TensorInfo, spec: QuantSpec, rule: Rule, opts: QuantizeOptions,
+                scale_bits: int | None) -> QuantSpec:
+    """The setting a recipe rule fixes, with ``--scale-bits`` applied as without a target: a
+    group setting gets codes unless the rule says ``scale_bits`` itself (the same checks, e.g.
+    a rule's float16 scale_dtype is refused, by ``plan.decide``)."""
+    if scale_bits is None or spec.granularity != "group" or \
+            "scale_bits" in dict(rule.settings):
+        return spec
+    base = opts.spec.with_(granularity="group", group_size=spec.group_size,
+                           scale_bits=scale_bits)
+    coded = decide(info, replace(opts, spec=base))[0]
+    assert coded is not None  # the rule quantizes it (spec is not None)
+    return coded
 
 
 def exact_rule(name: str, spec: QuantSpec, origin: str) -> Rule:
@@ -167,6 +200,9 @@ def plan_mixed(ckpt: Checkpoint, plan: Plan, opts: QuantizeOptions, target: Targ
     if opts.spec.scheme == "gnmt":
         raise SpecError("--target-bits / --target-sqnr choose bits and group sizes; scheme "
                         "gnmt is 8-bit per row only (use symmetric or asymmetric)")
+    if target.scale_bits is not None and opts.scale_dtype not in ("auto", "float32"):
+        raise SpecError("--scale-bits 8 stores one float32 scale per row: --scale-dtype must "
+                        f"be float32 or auto, not {opts.scale_dtype}")
     items = [(info, spec) for info, spec, _ in plan.items if spec is not None]
     files = {p: SafetensorsFile(p) for p in {info.path for info, _ in items}}
     pool = ThreadPoolExecutor(max_workers=_jobs(opts.jobs))
@@ -176,8 +212,9 @@ def plan_mixed(ckpt: Checkpoint, plan: Plan, opts: QuantizeOptions, target: Targ
         with _blas_single_threaded():
             for info, spec in items:
                 rule = _first_rule(info.name, opts)
-                specs = [spec] if rule is not None else \
-                    candidate_specs(spec, rows_cols(info.shape)[1])
+                specs = [_fixed_spec(info, spec, rule, opts, target.scale_bits)] \
+                    if rule is not None else \
+                    candidate_specs(spec, rows_cols(info.shape)[1], target.scale_bits)
                 idx = _sample_rows(info)
                 sf = files[info.path]
                 try:

@@ -11,9 +11,10 @@ from qtool.pipeline.mixed import MixedPlan
 
 
 def setting_label(spec: QuantSpec) -> str:
-    """``4-bit g32`` / ``8-bit channel``: a QuantSpec's bits and range unit."""
+    """``4-bit g32`` / ``8-bit channel``: a QuantSpec's bits and range unit (``4-bit g32
+    codes`` with 8-bit scale codes)."""
     unit = f"g{spec.group_size}" if spec.granularity == "group" else spec.granularity
-    return f"{spec.bits}-bit {unit}"
+    return f"{spec.bits}-bit {unit}" + (" codes" if spec.scale_bits is not None else "")
 
 
 def plan_table(mp: MixedPlan) -> str:
@@ -45,7 +46,9 @@ def mixed_line(mp: MixedPlan) -> str:
     """One line on the plan: target, bits per weight, estimated SQNR, sampling, shortfalls."""
     what = " ".join(([f"--target-bits {mp.target.bits:g}"] if mp.target.bits is not None
                      else []) + ([f"--target-sqnr {mp.target.sqnr_db:g}"]
-                                 if mp.target.sqnr_db is not None else []))
+                                 if mp.target.sqnr_db is not None else [])
+                    + ([f"--scale-bits {mp.target.scale_bits}"]
+                       if mp.target.scale_bits is not None else []))
     line = (f"mixed precision ({what}): {len(mp.choices)} tensors at "
             f"{mp.bits_per_weight:.3f} bits per weight, estimated SQNR {mp.sqnr_db:.2f} dB")
     if mp.sampled:
@@ -62,6 +65,7 @@ def mixed_summary(mp: MixedPlan) -> dict[str, Any]:
     """The plan's figures for `quantize --json`."""
     return {"target_bits": mp.target.bits, "target_sqnr_db": mp.target.sqnr_db,
             "bits_per_weight": round(mp.bits_per_weight, 6),
+            "scale_bits": mp.target.scale_bits,
             "estimated_sqnr_db": round(mp.sqnr_db, 4), "sampled_tensors": mp.sampled,
             "short_of_target": list(mp.short)}
 

@@ -95,7 +95,8 @@ def _spec_json(spec: QuantSpec | None) -> dict[str, Any] | None:
     return {"scheme": spec.scheme, "bits": spec.bits, "granularity": spec.granularity,
             "group_size": spec.group_size if spec.granularity == "group" else None,
             "range": spec.range,
-            "percentile": spec.percentile if spec.range == "percentile" else None}
+            "percentile": spec.percentile if spec.range == "percentile" else None,
+            "scale_bits": spec.scale_bits}
 
 
 def _totals_json(t: Totals) -> dict[str, Any]:

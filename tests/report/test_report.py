@@ -270,7 +270,8 @@ def test_json_follows_the_documented_schema(tmp_path):
     assert docs[2]["groups"][0]["spec"]["granularity"] == "channel"  # gnmt is per row
     assert docs[2]["groups"][1]["spec"] == {"scheme": "asymmetric", "bits": 8,
                                             "granularity": "group", "group_size": 16,
-                                            "range": "percentile", "percentile": 99.99}
+                                            "range": "percentile", "percentile": 99.99,
+                                            "scale_bits": None}
     # Every documented key was produced by one of these reports.
     assert set(schema) - seen == set()
 
