@@ -88,10 +88,23 @@ def weight_space(src: Path, work: Path, run: Callable[[list[str]], float],
         for rng in ("minmax", "search") if bits == 4 else ("search",):
             rows.append((f"mixed --target-bits {uniform:g} {rng}",
                          [*asym, "--target-bits", f"{uniform:g}", "--range", rng]))
+        # The same budget with 8-bit scale codes on every group candidate (--scale-bits 8).
+        rows.append((f"mixed --target-bits {uniform:g} search, scale codes",
+                     [*asym, "--target-bits", f"{uniform:g}", "--range", "search",
+                      "--scale-bits", "8"]))
         if bits == 4:  # the same budget with a floor that guards the worst tensor
             rows.append((f"mixed --target-bits {uniform:g} --target-sqnr 20 search",
                          [*asym, "--target-bits", f"{uniform:g}", "--target-sqnr", "20",
                           "--range", "search"]))
+    # At the size of uniform 4-bit g32 with scale codes (rounded up to 3 decimals, so that
+    # the uniform setting is one the allocator can pick): uniform, mixed, mixed with codes.
+    coded = coded_budget(src)
+    rows.append(("4-bit g32 search, scale codes", [*asym, "--bits", "4", "-g", "group",
+                                                   "--group-size", "32", "--range", "search",
+                                                   "--scale-bits", "8"]))
+    for label, extra in (("", []), (", scale codes", ["--scale-bits", "8"])):
+        rows.append((f"mixed --target-bits {coded} search{label}",
+                     [*asym, "--target-bits", coded, "--range", "search", *extra]))
     print(f"weight-space accuracy, asymmetric, on a heavy-tailed checkpoint in transformer "
           f"shapes ({src.stat().st_size / 1e6:.0f} MB, Student-t nu 3-6 by tensor kind):")
     print(f"  {'setting':50s} {'bits/w':>7s} {'SQNR dB':>8s} {'worst dB':>9s} {'time s':>7s}")
@@ -109,6 +122,16 @@ def weight_space(src: Path, work: Path, run: Callable[[list[str]], float],
     target(f"mixed precision at 5.125 bits/w (search): {mix[1]:.2f} dB >= uniform 4-bit g32 "
            f"search {s4[1]:.2f} dB, within the budget ({mix[0]:.3f})",
            mix[1] >= s4[1] and mix[0] <= 5.125)
+    for budget in ("5.125", "4.09375", coded):
+        fl, co = got[f"mixed --target-bits {budget} search"], \
+            got[f"mixed --target-bits {budget} search, scale codes"]
+        target(f"mixed precision at {budget} bits/w (search): scale codes {co[1]:.2f} dB "
+               f"(worst {co[2]:.2f}) > float scales {fl[1]:.2f} dB (worst {fl[2]:.2f}), "
+               f"within the budget ({co[0]:.3f})", co[1] > fl[1] and co[0] <= float(budget))
+    uni = got["4-bit g32 search, scale codes"]
+    co = got[f"mixed --target-bits {coded} search, scale codes"]
+    target(f"mixed precision with scale codes at {coded} bits/w: {co[1]:.2f} dB >= uniform "
+           f"4-bit g32 search with codes {uni[1]:.2f} dB at {uni[0]:.3f}", co[1] >= uni[1])
     plain, weighted = weighting(src)
     print(f"  4-bit g32 search, plain squared error {plain:.2f} dB; with k-quants' weights "
           f"(rms + |x|) {weighted:.2f} dB (qtool fits the plain error)")
@@ -121,6 +144,17 @@ def weight_space(src: Path, work: Path, run: Callable[[list[str]], float],
           "search's fit included)")
     target(f"--range search costs {core[0]:.2f}x --range minmax in the core (<= 3x)",
            core[0] <= 3.0)
+
+
+def coded_budget(src: Path) -> str:
+    """Bits per weight of uniform 4-bit asymmetric g32 with scale codes on ``src``'s 2-D
+    tensors, rounded up to 3 decimals (as a --target-bits value)."""
+    spec = QuantSpec("asymmetric", 4, "group", 32, scale_bits=8)
+    with safe_open(str(src), "numpy") as f:
+        shapes = [tuple(f.get_slice(k).get_shape()) for k in f.keys()]
+    shapes = [s for s in shapes if len(s) == 2]
+    bpw = sum(8 * stored_bytes(s, spec) for s in shapes) / sum(math.prod(s) for s in shapes)
+    return f"{math.ceil(bpw * 1000) / 1000:.3f}"
 
 
 def weighting(src: Path) -> tuple[float, float]:
