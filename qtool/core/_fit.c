@@ -284,6 +284,12 @@ PyObject *qtool_py_fit_search(PyObject *self, PyObject *args)
             return NULL;
     }
     Py_ssize_t units = (cols + g - 1) / g, itemsize = src == SRC_BF16 ? 2 : 4;
+    /* check_shape bounds rows * cols * 4; the float64 outputs need rows * units * 8, which
+     * with g = 1 is twice that. */
+    if (rows > 0 && units > PY_SSIZE_T_MAX / 8 / rows) {
+        PyErr_SetString(PyExc_ValueError, "bad block shape");
+        return NULL;
+    }
     Py_buffer x, s, z, e, e0;
     PyObject *res = NULL;
     if (get_buffer(xo, &x, 0, rows * cols * itemsize, "x") < 0)
@@ -296,6 +302,14 @@ PyObject *qtool_py_fit_search(PyObject *self, PyObject *args)
         goto release_z;
     if (get_buffer(e0o, &e0, 1, rows * units * 8, "minmax_error") < 0)
         goto release_e;
+    /* The outputs are written through typed pointers: each must be aligned to its element
+     * (the input x is read through memcpy and may be at any offset). */
+    if ((uintptr_t)s.buf % 4 || (uintptr_t)z.buf % 4 || (uintptr_t)e.buf % 8 ||
+        (uintptr_t)e0.buf % 8) {
+        PyErr_SetString(PyExc_ValueError, "fit_search: an output buffer is not aligned to its "
+                                          "element size");
+        goto release_e0;
+    }
     int finite;
     float lowest = INFINITY;
     Py_BEGIN_ALLOW_THREADS
@@ -308,6 +322,7 @@ PyObject *qtool_py_fit_search(PyObject *self, PyObject *args)
         PyErr_NoMemory();
     else
         res = Py_BuildValue("Nd", PyBool_FromLong(finite), (double)lowest);
+release_e0:
     PyBuffer_Release(&e0);
 release_e:
     PyBuffer_Release(&e);

@@ -80,9 +80,19 @@ INLINE vf load_v(const void *x, int src, Py_ssize_t i)
     return v;
 }
 
+/* Through memcpy, like load_v: a buffer handed in (a numpy view of a file's bytes at any
+ * offset) need not be aligned to its element size, and a misaligned float or uint16 load
+ * through a typed pointer is undefined behaviour (UBSan flags it). It compiles to one mov. */
 INLINE float load_s(const void *x, int src, Py_ssize_t i)
 {
-    return src == SRC_BF16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    if (src == SRC_BF16) {
+        uint16_t h;
+        memcpy(&h, (const uint16_t *)x + i, sizeof h);
+        return bf16_to_f32(h);
+    }
+    float f;
+    memcpy(&f, (const float *)x + i, sizeof f);
+    return f;
 }
 
 

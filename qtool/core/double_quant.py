@@ -61,6 +61,15 @@ def stored_scales(codes: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
                        np.asarray(row_scale, np.float32)[:, None], dtype=np.float32)
 
 
+def scales_of_codes(codes: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
+    """:func:`stored_scales` of codes in their stored shape (param_shape: one row of groups
+    per row scale), returned in that shape. Also for a tensor with no rows or no columns,
+    which reshape(rows, -1) refuses (numpy cannot infer -1 for a size-0 array)."""
+    rows = len(row_scale)
+    per_row = codes.size // rows if rows else 0
+    return stored_scales(codes.reshape(rows, per_row), row_scale).reshape(codes.shape)
+
+
 def _spans(lo: np.ndarray, hi: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     """The exact (float64) scale each range asks for, and the range's low end (the formulas
     of qtool.core.schemes.qparams before rounding)."""

@@ -281,8 +281,10 @@ def dequantize_rows(
     per_tensor = spec.granularity == "tensor"
     if zero_point.ndim == 0 and not per_tensor:
         zero_point = np.broadcast_to(zero_point, scale.shape)
-    s2d = scale if per_tensor else scale.reshape(rows, -1)
-    z2d = zero_point if per_tensor else zero_point.reshape(rows, -1)
+    # (rows, units); not reshape(rows, -1), which numpy refuses for a size-0 array (a tensor
+    # with no rows or no columns that a manifest says is quantized).
+    s2d = scale if per_tensor else scale.reshape(rows, scale.size // max(rows, 1))
+    z2d = zero_point if per_tensor else zero_point.reshape(rows, zero_point.size // max(rows, 1))
 
     def task(blocks: list[slice]) -> None:
         with np.errstate():  # restores the buffer size on the way out

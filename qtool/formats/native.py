@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from qtool.core import packing
+from qtool.core.double_quant import scales_of_codes
 from qtool.core.scales import scale_to_float32
 from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats import digest as _digest
@@ -154,15 +155,30 @@ class Artifact:
         if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict) or \
                 not isinstance(doc.get("metadata", {}), dict):
             raise ArtifactError(f"{p}: not an index (no weight_map object)")
-        wm = doc["weight_map"]
-        want = {t.name: t.file for t in self.manifest.tensors}
-        if wm != want:
-            name = next(n for n in [*want, *wm] if wm.get(n) != want.get(n))
-            raise ArtifactError(
-                f"{p}: weight_map places tensor {name!r:.80} in {wm.get(name)!r:.80}, "
-                f"the manifest in {want.get(name)!r:.80}"
-            )
-        return doc.get("metadata", {}), wm
+        ts = self.manifest.tensors
+        coded = {t.name: row_scale_name(t.file) for t in ts
+                 if t.spec is not None and t.spec.scale_bits is not None}
+        # The sidecar maps are for loaders that follow the index (docs/FORMAT.md): each must
+        # say what the manifest says. row_scale_map is there exactly when a tensor has codes.
+        maps = [("weight_map", {t.name: t.file for t in ts}, True),
+                ("scale_map", {t.name: sidecar_names(t.file)[0] for t in ts if t.quantized},
+                 False),
+                ("zero_point_map", {t.name: sidecar_names(t.file)[1] for t in ts if t.quantized},
+                 False),
+                ("row_scale_map", coded, bool(coded))]
+        for key, want, required in maps:
+            if key not in doc and not required:
+                continue
+            got = doc.get(key)
+            if not isinstance(got, dict):
+                raise ArtifactError(f"{p}: {key} is {'missing' if got is None else 'not an object'}")
+            if got != want:
+                name = next(n for n in [*want, *got] if got.get(n) != want.get(n))
+                raise ArtifactError(
+                    f"{p}: {key} places tensor {name!r:.80} in {got.get(name)!r:.80}, "
+                    f"the manifest in {want.get(name)!r:.80}"
+                )
+        return doc.get("metadata", {}), doc["weight_map"]
 
     # -- full verification (``qtool verify``) ----------------------------------------------
 
@@ -329,6 +345,7 @@ def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
                             f"expected {dt} {list(shp)}")
             continue
         sides[what] = side.read(si)
+    flagged = len(problems)
     for what, f in (("scale", sc), ("row scale", rs)):
         if what not in sides:
             continue
@@ -337,6 +354,14 @@ def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
         if bad:
             problems.append(f"{f.path if f else ''}: tensor {t.name!r}: {bad} of {s.size} "
                             f"{what}s are not finite and > 0")
+    if len(problems) == flagged and "scale" in sides and "row scale" in sides:
+        # Codes and row scales each valid, their float32 product (the scale every reader
+        # uses) may still overflow: a row scale near the float32 limit times a code > 1.
+        s = scales_of_codes(sides["scale"], sides["row scale"])
+        bad = s.size - int(np.count_nonzero(np.isfinite(s)))
+        if bad:
+            problems.append(f"{sc.path if sc else ''}: tensor {t.name!r}: {bad} of {s.size} "
+                            "scales (codes x row scales) are not finite")
     if "zero point" in sides:
         z = sides["zero point"]
         if t.format_version >= 2:

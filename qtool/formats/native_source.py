@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from qtool.core.double_quant import stored_scales
+from qtool.core.double_quant import scales_of_codes
+from qtool.core.scales import scale_to_float32
 from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats.manifest import (
     SOURCE_METADATA_KEY,
@@ -63,12 +64,25 @@ class NativeShard:
         if record.format_version >= 2:
             zero = zero_point_from_stored(zero, record.shape, record.spec)
         scale = self.scale.read(record.name)
+        where = self.scale.path
         if record.spec.scale_bits is not None:
             # U8 codes x the row's F32 scale, multiplied in float32: the scales quantize used;
             # from here on the tensor reads like one with float32 scales.
             assert self.row_scale is not None
             rows_s = self.row_scale.read(record.name)
-            scale = stored_scales(scale.reshape(len(rows_s), -1), rows_s).reshape(scale.shape)
+            if not _positive(rows_s):
+                where = self.row_scale.path
+            scale = scales_of_codes(scale, rows_s)
+        # Every reader (dequantize, export, report --original/--against) gets scales that
+        # are finite and > 0, as verify requires: a tampered sidecar whose digests were
+        # updated (a zero or negative row scale, a zero code, a product beyond float32)
+        # would otherwise be restored or exported as zeros or sign-flipped weights.
+        widened = scale_to_float32(scale, record.spec.scale_dtype)
+        if not _positive(widened):
+            bad = widened.size - int(np.count_nonzero(np.isfinite(widened) & (widened > 0)))
+            raise ArtifactError(
+                f"{where}: tensor {record.name!r}: {bad} of {widened.size} scales are not "
+                "finite and > 0; the artifact is corrupt (qtool verify lists its problems)")
         return InTensor(record, rows_of, scale, zero, main, info)
 
     def close(self) -> None:
@@ -81,6 +95,11 @@ class NativeShard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _positive(a: np.ndarray) -> bool:
+    """Whether every value of a float array is finite and > 0 (NaN fails both)."""
+    return bool(np.all(a > 0)) and bool(np.isfinite(a.max(initial=0.0)))
 
 
 def source_metadata(metadata: dict[str, str] | None, version: int,
