@@ -151,6 +151,51 @@ def test_kernel_rejects_nan_inf_and_bad_arguments():
                      np.empty(3, np.int32), np.empty(3), np.empty(3))  # a buffer too short
 
 
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` one byte off its element alignment (as a numpy view of a file's bytes
+    at an odd offset is): C-contiguous, flags.aligned False."""
+    buf = np.empty(a.nbytes + 1, np.uint8)[1:]
+    buf[:] = a.reshape(-1).view(np.uint8)
+    out = buf.view(a.dtype).reshape(a.shape)
+    assert not out.flags.aligned and out.flags.c_contiguous
+    return out
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (40, 64), (3, 2049), (2, 5000)])
+def test_misaligned_input_is_fitted_as_aligned(shape):
+    """The kernel reads its input through memcpy: a float32 (or bfloat16) block at any byte
+    offset gives the aligned block's fit (a typed load of it was undefined behaviour, which
+    UBSan reported in _fit.c's gather)."""
+    rng = np.random.default_rng(shape[1])
+    x = rng.standard_t(3, shape).astype(np.float32)
+    assert_same_fit(fit_kernel.fit_search_kernel(K, _misaligned(x), 4),
+                    fit_kernel.fit_search_kernel(K, x, 4))
+    bits = bf16.from_float32(x)
+    spec = QuantSpec("symmetric", 8, "group", 16, range="search")
+    a = fit_kernel.fit_units(K, _misaligned(bits), 1, *shape, 16, spec)
+    b = fit_kernel.fit_units(K, bits, 1, *shape, 16, spec)
+    assert a is not None and b is not None
+    assert_same_fit(a[0], b[0])
+
+
+def test_kernel_refuses_misaligned_outputs_and_overflowing_sizes():
+    """Outputs are written through typed pointers: one off its alignment is refused before
+    anything is written. rows * units * 8 (the float64 outputs) must not overflow even where
+    rows * cols * 4 does not (g = 1 has as many units as values)."""
+    x = np.zeros((3, 32), np.float32)
+    outs = [np.empty(6, np.float32), np.empty(6, np.int32), np.empty(6), np.empty(6)]
+    for i, dt in enumerate((np.float32, np.int32, np.float64, np.float64)):
+        bad = list(outs)
+        bad[i] = _misaligned(np.zeros(6, dt))
+        with pytest.raises(ValueError, match="not aligned"):
+            K.fit_search(x, 0, 3, 32, 16, 0, 0.0, 15.0, (), 3, 1000, *bad)
+    K.fit_search(x, 0, 3, 32, 16, 0, 0.0, 15.0, (), 3, 1000, *outs)  # aligned: accepted
+    one = [np.empty(1, np.float32), np.empty(1, np.int32), np.empty(1), np.empty(1)]
+    for rows, cols in ((2**29, 2**31), (2**61, 1)):
+        with pytest.raises(ValueError, match="bad block shape"):
+            K.fit_search(x, 0, rows, cols, 1, 0, 0.0, 15.0, (), 3, 1000, *one)
+
+
 # ---------------------------------------------------------------- through the quantizer
 
 
