@@ -171,7 +171,8 @@ class Artifact:
                 continue
             got = doc.get(key)
             if not isinstance(got, dict):
-                raise ArtifactError(f"{p}: {key} is {'missing' if got is None else 'not an object'}")
+                what = "missing" if got is None else "not an object"
+                raise ArtifactError(f"{p}: {key} is {what}")
             if got != want:
                 name = next(n for n in [*want, *got] if got.get(n) != want.get(n))
                 raise ArtifactError(
