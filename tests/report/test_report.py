@@ -837,7 +837,9 @@ def test_original_with_a_nan_scale_exits_2(tmp_path):
     scales["head.weight64"][3, 0] = np.nan  # same size: only the values can tell
     save_file(scales, str(path), metadata={"format": "qtool"})
     res = run("report", out, "--original", src, "--format", "json", expect=2)
-    assert "'head.weight64' dequantizes to NaN" in res.stderr and res.stdout == ""
+    # the scales are checked as they are read: the file and tensor named, called corrupt
+    assert f"{path}: tensor 'head.weight64': 1 of " in res.stderr and res.stdout == ""
+    assert "scales are not finite and > 0; the artifact is corrupt" in res.stderr
 
 
 def test_dry_run_takes_recipe_and_nan_policy(tmp_path):
