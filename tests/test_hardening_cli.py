@@ -121,6 +121,55 @@ def test_lone_surrogate_in_a_sharded_index_is_refused(tmp_path):
 # --------------------------------------------------------------------------- Rich markup
 
 
+def _with_source_metadata(art: Path, value: str) -> None:
+    """The artifact's main file with ``qtool_source_metadata`` set to ``value``, its size and
+    digest resealed into the manifest (anyone can)."""
+    import blake3
+    from safetensors import safe_open
+
+    f = art / "m.safetensors"
+    with safe_open(str(f), "numpy") as h:
+        meta = h.metadata()
+    meta["qtool_source_metadata"] = value
+    save_file(load_file(str(f)), str(f), metadata=meta)
+    doc = json.loads((art / "qtool.json").read_text())
+    data = f.read_bytes()
+    doc["files"][f.name] = {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
+    (art / "qtool.json").write_text(seal(doc))
+
+
+@pytest.mark.parametrize("value", [
+    '{"format": "x\\ud800"}',  # a lone surrogate: it would be written back as UTF-8
+    "[" * 100_000 + "]" * 100_000,  # nested too deeply for the parser
+    '{"format": "pt", "format": "np"}',  # a duplicate key: which one would be restored?
+    '{"format": NaN}',
+], ids=["lone_surrogate", "deep_nesting", "duplicate_key", "nan"])
+@pytest.mark.parametrize("command", ["dequantize", "report"])
+def test_hostile_source_metadata_in_an_artifact_is_refused(tmp_path, value, command):
+    """The source's metadata kept in the artifact's main file (format_version 2) is JSON as
+    strict as a header's: refused in one line naming the file, not a traceback (a lone
+    surrogate failed the restored file's header encoding, deep nesting a RecursionError),
+    and a duplicate key is not resolved silently."""
+    art = _quantized(tmp_path)
+    _with_source_metadata(art, value)
+    before = snapshot(art)
+    args = (["dequantize", art, tmp_path / "r.safetensors"] if command == "dequantize" else
+            ["report", art, "--original", tmp_path / "m.safetensors"])
+    assert_one_line_error(run(*args, expect=2), str(art / "m.safetensors"),
+                          "qtool_source_metadata in __metadata__ is not a JSON object of strings")
+    assert snapshot(art) == before
+    _nothing_left(tmp_path, tmp_path / "r.safetensors")
+
+
+def test_source_metadata_with_a_surrogate_pair_is_restored(tmp_path):
+    art = _quantized(tmp_path)
+    _with_source_metadata(art, '{"who": "\\ud83d\\ude00"}')
+    run("dequantize", art, tmp_path / "r.safetensors", "-q")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "r.safetensors"), "numpy") as h:
+        assert h.metadata() == {"who": "\U0001F600"}
+
+
 def test_markup_in_output_paths_is_printed_as_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # short paths: the summary's title is not wrapped
     write_checkpoint(tmp_path / "m.safetensors")

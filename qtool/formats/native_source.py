@@ -7,7 +7,6 @@ symmetric schemes (format_version 2 unpacks them here)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 from qtool.core.double_quant import scales_of_codes
 from qtool.core.scales import scale_to_float32
 from qtool.core.shapes import rows_cols, zero_point_from_stored
+from qtool.formats._common import _dup_key, _Obj, _parse_json
 from qtool.formats.manifest import (
     SOURCE_METADATA_KEY,
     ArtifactError,
@@ -109,10 +109,15 @@ def source_metadata(metadata: dict[str, str] | None, version: int,
     the file's own metadata before."""
     if version < 2 or metadata is None or SOURCE_METADATA_KEY not in metadata:
         return metadata
+    # Parsed as strictly as the header it comes from: no NaN/Infinity, no lone surrogate
+    # (it is written back as UTF-8 into the restored file), no duplicate key, any nesting.
+    doc: Any = False
     try:
-        doc = json.loads(metadata[SOURCE_METADATA_KEY])
-    except ValueError:
-        doc = False
+        pairs = _parse_json(metadata[SOURCE_METADATA_KEY])
+        if pairs is None or (isinstance(pairs, _Obj) and _dup_key(pairs) is None):
+            doc = None if pairs is None else dict(pairs)
+    except ValueError:  # also a lone surrogate, and nesting too deep
+        pass
     if doc is not None and not (isinstance(doc, dict) and
                                 all(isinstance(v, str) for v in doc.values())):
         raise ArtifactError(f"{where}: {SOURCE_METADATA_KEY} in __metadata__ is not a JSON "
