@@ -170,6 +170,48 @@ def test_source_metadata_with_a_surrogate_pair_is_restored(tmp_path):
         assert h.metadata() == {"who": "\U0001F600"}
 
 
+@pytest.mark.parametrize("command", ["dequantize", "verify", "report"])
+def test_duplicate_keys_in_a_version_1_manifest_are_refused(tmp_path, command):
+    """A format_version 1 manifest has no guard (no manifest digest, any whitespace): a key
+    given twice in a record (the second "bits" wins in Python's json, the first in other
+    readers) is refused, as in a safetensors header."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "v1" / "art_asym4", art)
+    run("verify", art, "-q")  # as written by qtool 0.1
+    _edit_manifest(art, lambda t: t.replace('"bits": 4,', '"bits": 8, "bits": 4,', 1))
+    before = snapshot(tmp_path)
+    args = [command, art] + ([tmp_path / "r.safetensors"] if command == "dequantize" else [])
+    assert_one_line_error(run(*args, expect=2), "qtool.json", "duplicate key 'bits'")
+    assert snapshot(tmp_path) == before
+    _nothing_left(tmp_path, tmp_path / "r.safetensors")
+
+
+def test_duplicate_keys_in_an_artifact_index_are_refused(tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    for i in (1, 2):
+        save_file({f"w{i}": np.ones((2, 16), np.float32)}, str(src / f"s{i}.safetensors"))
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"w1": "s1.safetensors", "w2": "s2.safetensors"}}))
+    art = tmp_path / "art"
+    run("quantize", src, art, "-q")
+    index = art / "model.safetensors.index.json"
+    text = index.read_text().replace('"w1": "s1.safetensors"',
+                                     '"w1": "s2.safetensors", "w1": "s1.safetensors"', 1)
+    assert text != index.read_text()
+    index.write_text(text)
+    import blake3
+    doc = json.loads((art / "qtool.json").read_text())
+    digest = blake3.blake3(text.encode()).hexdigest()
+    doc["files"][index.name] = {"size": len(text.encode()), "blake3": digest}
+    (art / "qtool.json").write_text(seal(doc))
+    assert_one_line_error(run("dequantize", art, tmp_path / "r", expect=2), str(index),
+                          "duplicate key 'w1'")
+    _nothing_left(tmp_path, tmp_path / "r")
+
+
 def test_markup_in_output_paths_is_printed_as_it_is(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # short paths: the summary's title is not wrapped
     write_checkpoint(tmp_path / "m.safetensors")

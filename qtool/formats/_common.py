@@ -140,6 +140,15 @@ def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for json.loads: a dict, refusing (ValueError) a key given twice,
+    which json would resolve silently to the last value (another reader may take the first)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError(f"duplicate key {_short(_dup_key(_Obj(pairs)), 40)}")
+    return d
+
+
 def _parse_json(text: str) -> Any:
     """json.loads keeping objects as :class:`_Obj` pair lists. Raises ValueError, also for
     a string holding a lone surrogate (see :func:`check_strict_utf8`)."""

@@ -26,6 +26,7 @@ from qtool.formats._common import (
     CheckpointError,
     check_strict_utf8,
     reject_constant,
+    unique_object,
 )
 from qtool.formats.manifest_text import (  # noqa: F401  (seal* and _serialize: re-exported)
     _is_hex,
@@ -298,7 +299,7 @@ class Manifest:
             head, records = fast
             return cls._build(head, records, head["format_version"], head["digest"], where)
         try:
-            doc = json.loads(text, parse_constant=reject_constant)
+            doc = json.loads(text, parse_constant=reject_constant, object_pairs_hook=unique_object)
             check_strict_utf8(text, doc)  # a lone surrogate in a name cannot be written back
         except (ValueError, UnicodeDecodeError) as e:
             msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)

@@ -23,7 +23,12 @@ from qtool.core.double_quant import scales_of_codes
 from qtool.core.scales import scale_to_float32
 from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats import digest as _digest
-from qtool.formats._common import CheckpointError, check_strict_utf8, reject_constant
+from qtool.formats._common import (
+    CheckpointError,
+    check_strict_utf8,
+    reject_constant,
+    unique_object,
+)
 from qtool.formats.manifest import (
     MANIFEST,
     MANIFEST_SIZE_LIMIT,
@@ -148,7 +153,7 @@ class Artifact:
         raw = read_capped(p, MANIFEST_SIZE_LIMIT, "index", in_dir=self.root, error=ArtifactError)
         try:
             text = raw.decode("utf-8")
-            doc = json.loads(text, parse_constant=reject_constant)
+            doc = json.loads(text, parse_constant=reject_constant, object_pairs_hook=unique_object)
             check_strict_utf8(text, doc)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise ArtifactError(f"{p}: not a valid JSON index ({str(e):.80})") from None
