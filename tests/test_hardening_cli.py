@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -705,3 +706,14 @@ def test_more_tensors_than_the_limit_are_refused_before_parsing(tmp_path, monkey
     _nothing_left(tmp_path, tmp_path / "o")
     assert snapshot(tmp_path) == before
     run(command, ok, *args, "-q")
+    # the key written with an escape is the same key, but not the bytes counted before the
+    # parse: the entries are counted again as they are read
+    sneaky = tmp_path / "sneaky.safetensors"
+    sneaky.write_bytes(raw_file("{" + ",".join(
+        f'"t.{i}":{{"dtype":"F32","shape":[0,4],"data\\u005foffsets":[0,0]}}'
+        for i in range(51)) + "}"))
+    assert b"data_offsets" not in sneaky.read_bytes()
+    shutil.rmtree(tmp_path / "o", ignore_errors=True)
+    assert_one_line_error(run(command, sneaky, *args, expect=2), str(sneaky),
+                          "header declares more tensors than the limit of 50")
+    _nothing_left(tmp_path, tmp_path / "o")
