@@ -178,8 +178,9 @@ def test_hostile_row_scales_are_refused_by_every_reader(tmp_path, base, tamper, 
 
 
 def test_subnormal_row_scale_is_valid(tmp_path, base):
-    """A row scale below float32's normal range is finite and > 0, as quantize writes for a row
-    of tiny weights: read, not refused; the row restores as code x row scale x (q - z)."""
+    """A row scale below float32's normal range (quantize writes normal ones only) is still
+    finite and > 0, as verify requires of every scale: read, not refused; the row restores as
+    code x row scale x (q - z)."""
     src, good = base
     art = tmp_path / "art"
     shutil.copytree(good, art)
