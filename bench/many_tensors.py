@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +147,10 @@ def commands(src: Path, work: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def measure(counts: list[int], kind: str, shards: int, only: set[str] | None) -> None:
+def measure(counts: list[int], kind: str, shards: int, only: set[str] | None
+            ) -> list[tuple[int, str, int, float, float, int]]:
+    """Print (and return) count, command, peak RSS, bound, wall seconds, exit code."""
+    found = []
     print(f"{'count':>9} {'command':<18} {'peak MB':>8} {'bound MB':>8} {'wall s':>7} "
           f"{'cpu s':>7} {'exit':>4}  verdict")
     for count in counts:
@@ -168,7 +172,19 @@ def measure(counts: list[int], kind: str, shards: int, only: set[str] | None) ->
             ok = "ok" if peak <= bound and rc in (0, 1) else "NOT MET"
             print(f"{count:>9} {label:<18} {peak / MB:>8.0f} {bound / MB:>8.0f} {wall:>7.1f} "
                   f"{cpu:>7.1f} {rc:>4}  {ok}", flush=True)
+            found.append((count, label, peak, bound, wall, rc))
         shutil.rmtree(work, ignore_errors=True)
+    return found
+
+
+def bench_section(target: Callable[[str, bool], None], count: int = 100_000) -> None:
+    """`make bench`'s lines: the most used commands on ``count`` empty tensors, against the
+    bound (the whole table: ``python bench/many_tensors.py measure``)."""
+    print(f"very many tensors ({count:,} empty float32 tensors, names of 60 characters):")
+    labels = {"quantize", "verify", "dequantize", "report", "report json"}
+    for n, label, peak, bound, wall, rc in measure([count], "empty", 0, labels):
+        target(f"{label} on {n:,} empty tensors: peak RSS {peak / MB:.0f} MB "
+               f"(<= {bound / MB:.0f} MB), {wall:.1f} s", peak <= bound and rc == 0)
 
 
 def main() -> None:

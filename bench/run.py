@@ -651,6 +651,12 @@ def main() -> None:
     accuracy.mixed_cost(paths["fp32"], work, run_qtool, target)
     print()
 
+    # ---- very many tensors (issue 15): peak memory against the bound
+    import many_tensors
+
+    many_tensors.bench_section(target)
+    print()
+
     # ---- startup
     t_ver = min(timed([*QTOOL, "--version"])[0] for _ in range(10))
     print(f"qtool --version: {t_ver * 1000:.0f} ms (best of 10)")
