@@ -170,6 +170,7 @@ class SafetensorsFile:
                 # (the count above misses a key written with escapes: "data\u005foffsets")
                 raise self._fail(f"header declares more tensors than the limit of "
                                  f"{_common.TENSOR_COUNT_LIMIT}")
+            name = sys.intern(name)  # one str for the checkpoint's and the run's parse
             info = self._parse_entry(name, entry, data_start, data_len)
             by_name[name] = info
             entries.append(info)
@@ -264,7 +265,7 @@ class SafetensorsFile:
                 name,
             )
         return TensorInfo(
-            name=sys.intern(name),  # one str for the checkpoint's and the run's parse
+            name=name,
             dtype=_CODES[code],  # one str object per dtype, not one per tensor
             shape=tuple(shape),
             offset=data_start + begin,
