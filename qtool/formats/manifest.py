@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -197,7 +198,9 @@ class TensorRecord:
                 # What the reader refuses in a safetensors header: no array has that shape.
                 raise ValueError(f"shape {shape!r:.60} is too large to represent")
             # File names, dtypes, reasons and specs repeat across records: one object each.
-            rec = cls(name=name, file=_shared(file), dtype=_shared(dtype), shape=tuple(shape),
+            # The name interned: one str with the artifact's safetensors headers (read too).
+            rec = cls(name=sys.intern(name), file=_shared(file), dtype=_shared(dtype),
+                      shape=tuple(shape),
                       format_version=version)
             sizes = (d["bytes"]["original"], d["bytes"]["stored"])
             if not all(type(v) is int and v >= 0 for v in sizes):
