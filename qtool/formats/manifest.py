@@ -27,6 +27,7 @@ from qtool.formats._common import (
     CheckpointError,
     check_strict_utf8,
     reject_constant,
+    shared_shape,
     unique_object,
 )
 from qtool.formats.manifest_text import (  # noqa: F401  (seal* and _serialize: re-exported)
@@ -200,7 +201,7 @@ class TensorRecord:
             # File names, dtypes, reasons and specs repeat across records: one object each.
             # The name interned: one str with the artifact's safetensors headers (read too).
             rec = cls(name=sys.intern(name), file=_shared(file), dtype=_shared(dtype),
-                      shape=tuple(shape),
+                      shape=shared_shape(tuple(shape)),
                       format_version=version)
             sizes = (d["bytes"]["original"], d["bytes"]["stored"])
             if not all(type(v) is int and v >= 0 for v in sizes):

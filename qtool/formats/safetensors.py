@@ -47,6 +47,7 @@ from qtool.formats._common import (
     _short,
     aligned_buffer,
     check_tiling,
+    shared_shape,
     stream_pairs,
 )
 from qtool.formats.safeio import not_this_format, open_regular, sniff
@@ -267,7 +268,7 @@ class SafetensorsFile:
         return TensorInfo(
             name=name,
             dtype=_CODES[code],  # one str object per dtype, not one per tensor
-            shape=tuple(shape),
+            shape=shared_shape(tuple(shape)),
             offset=data_start + begin,
             nbytes=have,
             path=self.path,
