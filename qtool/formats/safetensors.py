@@ -175,7 +175,6 @@ class SafetensorsFile:
             info = self._parse_entry(name, entry, data_start, data_len)
             by_name[name] = info
             entries.append(info)
-        del pairs
 
         check_tiling(entries, data_start, data_len, self._fail)
         self.metadata = metadata
