@@ -148,7 +148,6 @@ class SafetensorsFile:
             if not isinstance(doc, _Obj):
                 raise self._fail(f"header JSON is a {_json_kind(doc)}, not an object")
             pairs = iter(doc)
-            del doc
 
         data_start = 8 + n
         data_len = self.size - data_start
