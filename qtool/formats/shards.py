@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -38,6 +39,10 @@ class Checkpoint:
     index_metadata: dict | None
     shards: list[Path]
     _tensors: tuple[TensorInfo, ...] | None = field(default=None, repr=False, compare=False)
+    # The files validated while opening, still open: a run takes them (take_file) instead of
+    # parsing every header again, which with very many tensors doubled the per-tensor state.
+    _open: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False,
+                                               compare=False)
 
     def tensors(self) -> list[TensorInfo]:
         """All tensors, shard by shard, each shard in data-offset order."""
@@ -49,6 +54,12 @@ class Checkpoint:
             object.__setattr__(self, "_tensors", tuple(found))
         assert self._tensors is not None
         return list(self._tensors)
+
+    def take_file(self, shard: Path) -> SafetensorsFile:
+        """``shard`` open, the caller's to close: the file validated at open time when it is
+        still held (its tensors are :meth:`tensors`' own objects), else opened now."""
+        f = self._open.pop(shard, None)
+        return f if f is not None else SafetensorsFile(shard)
 
     @property
     def is_sharded(self) -> bool:
@@ -110,11 +121,18 @@ def _other_formats(d: Path) -> str:
 
 
 def _open_single(p: Path) -> Checkpoint:
-    with SafetensorsFile(p) as f:
-        infos = tuple(f.tensors)
-    return Checkpoint(
-        root=p.parent, index_path=None, index_metadata=None, shards=[p], _tensors=infos
-    )
+    f = SafetensorsFile(p)
+    ckpt = Checkpoint(root=p.parent, index_path=None, index_metadata=None, shards=[p],
+                      _tensors=tuple(f.tensors), _open={p: f})
+    # A file no run took is closed with the checkpoint (the dict, not the checkpoint, is
+    # referenced, so this keeps nothing alive).
+    weakref.finalize(ckpt, _close_all, ckpt._open)
+    return ckpt
+
+
+def _close_all(files: dict[Path, SafetensorsFile]) -> None:
+    while files:
+        files.popitem()[1].close()
 
 
 def _read_index(p: Path) -> bytes:

@@ -61,7 +61,7 @@ class DryRun:
         return self.plans[0].total_bytes
 
     def __iter__(self) -> Iterator[DryRunResult]:
-        files = {p: SafetensorsFile(p) for p in self.ckpt.shards}
+        files = {p: self.ckpt.take_file(p) for p in self.ckpt.shards}
         pool = ThreadPoolExecutor(max_workers=_jobs(self.opts.jobs))
         try:
             for i, (info, _, _) in enumerate(self.plans[0].items):

@@ -83,7 +83,7 @@ class QuantizeRun:
             yield from self._run()
 
     def _run(self) -> Iterator[TensorResult]:
-        files = {p: SafetensorsFile(p) for p in self.ckpt.shards}
+        files = {p: self.ckpt.take_file(p) for p in self.ckpt.shards}
         stage = _Staging(self.out, replace=self.opts.force)
         sink = SINKS[self.opts.output_format](stage.tmp)
         pool = ThreadPoolExecutor(max_workers=_jobs(self.opts.jobs))

@@ -428,3 +428,47 @@ def test_memory_stays_bounded_by_the_largest_tensor(tmp_path):
         np.testing.assert_allclose(f.get_tensor("layer.3.weight")[17], base * 4,
                                    atol=4 / 127 / 2 * 1.001)
     os.unlink(src)
+
+
+def test_quantize_parses_the_source_header_once(tmp_path, monkeypatch):
+    """The run takes the file the checkpoint validated instead of parsing its header again
+    (with very many tensors a second parse doubled the per-tensor state)."""
+    src = tmp_path / "m.safetensors"
+    save_file({f"w{i}": np.full((2, 4), i, np.float32) for i in range(5)}, str(src))
+    parsed: list[Path] = []
+    real = SafetensorsFile._parse
+
+    def counting(self):
+        parsed.append(Path(self.path))
+        return real(self)
+
+    monkeypatch.setattr(SafetensorsFile, "_parse", counting)
+    run("quantize", src, tmp_path / "art", "-q")
+    assert parsed.count(src) == 1
+    run("report", src, "--format", "json")
+    assert parsed.count(src) == 2  # the dry run: once, for its own checkpoint
+
+
+def test_a_checkpoint_closes_the_file_no_run_took(tmp_path):
+    import gc
+
+    from qtool.formats.shards import open_checkpoint
+
+    src = tmp_path / "m.safetensors"
+    save_file({"w": np.ones((2, 4), np.float32)}, str(src))
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    gc.collect()
+    before = fds()
+    ckpt = open_checkpoint(src)
+    assert fds() == before + 1
+    f = ckpt.take_file(src)
+    assert [t.name for t in f.tensors] == ["w"] and f.tensors[0] is ckpt.tensors()[0]
+    again = ckpt.take_file(src)  # taken once: a second call opens the file anew
+    assert again is not f and fds() == before + 2
+    again.close()
+    f.close()
+    ckpt = open_checkpoint(src)
+    assert fds() == before + 1
+    del ckpt
+    gc.collect()
+    assert fds() == before
