@@ -3,6 +3,7 @@
     python bench/many_tensors.py make OUT --count 100000 [--kind empty|tiny] [--name-len 60]
                                           [--shards 4]
     python bench/many_tensors.py measure --counts 50000,100000,200000 [--kind empty]
+                                         [--name-len 60] [--shards K] [--only LABELS]
 
 ``make`` writes one safetensors file (or, with ``--shards K``, K shards and a Hugging Face
 ``model.safetensors.index.json``) of ``--count`` 2-D float32 tensors: ``empty`` ones of shape
@@ -147,17 +148,18 @@ def commands(src: Path, work: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
-def measure(counts: list[int], kind: str, shards: int, only: set[str] | None
-            ) -> list[tuple[int, str, int, float, float, int]]:
+def measure(counts: list[int], kind: str, shards: int, only: set[str] | None,
+            name_len: int = 60) -> list[tuple[int, str, int, float, float, int]]:
     """Print (and return) count, command, peak RSS, bound, wall seconds, exit code."""
     found = []
     print(f"{'count':>9} {'command':<18} {'peak MB':>8} {'bound MB':>8} {'wall s':>7} "
           f"{'cpu s':>7} {'exit':>4}  verdict")
     for count in counts:
-        name = f"{kind}-{count}" + (f"-s{shards}" if shards else "")
+        name = (f"{kind}-{count}" + (f"-s{shards}" if shards else "")
+                + (f"-n{name_len}" if name_len != 60 else ""))
         src_dir = DATA / name
         src = make(src_dir / ("ckpt" if shards else "model.safetensors"), count, kind,
-                   shards=shards)
+                   name_len=name_len, shards=shards)
         work = DATA / (name + "-work")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -200,6 +202,7 @@ def main() -> None:
     me.add_argument("--counts", default="50000,100000,200000")
     me.add_argument("--kind", choices=("empty", "tiny"), default="empty")
     me.add_argument("--shards", type=int, default=0)
+    me.add_argument("--name-len", type=int, default=60)
     me.add_argument("--only", default="", help="comma-separated command labels")
     me.add_argument("--tree", type=Path, help="run qtool from this source tree")
     args = ap.parse_args()
@@ -210,7 +213,8 @@ def main() -> None:
         print(make(args.out, args.count, args.kind, args.name_len, args.shards))
     else:
         only = set(args.only.split(",")) if args.only else None
-        measure([int(c) for c in args.counts.split(",")], args.kind, args.shards, only)
+        measure([int(c) for c in args.counts.split(",")], args.kind, args.shards, only,
+                args.name_len)
 
 
 if __name__ == "__main__":
