@@ -17,13 +17,24 @@ import numpy as np
 
 from qtool.core import bf16
 
+# The limits below are where docs/SECURITY.md's memory bound (2x the largest tensor as
+# float32 + 150 MB) still holds for every command, measured by bench/many_tensors.py at their
+# corners; each is far above what real checkpoints need (DeepSeek-V3: about 92 000 tensors
+# and 13 MB of headers over 163 shards; per file far less).
+
 HEADER_SIZE_LIMIT = 100_000_000
-"""Largest accepted JSON header, in bytes (same cap as the reference implementation)."""
+"""Largest accepted JSON header of one safetensors file, and of all of a checkpoint's files
+together, in bytes (the reference implementation caps one file at 100 MB, but the per-tensor
+state of such a header would exceed the memory bound)."""
 
 TENSOR_COUNT_LIMIT = 1_000_000
-"""Most tensors one safetensors file may declare. Real checkpoints hold at most some
-hundred thousand (per file far fewer); a header of a million empty tensors fits the 100 MB
-header cap but costs gigabytes of per-tensor bookkeeping, so it is refused before parsing."""
+"""Most tensors a checkpoint may hold, all its shards together (and so any one file, index
+or manifest). It is counted in a header before the header is parsed, so that a hostile
+header of millions of empty tensors is refused at once."""
+
+METADATA_SIZE_LIMIT = 1 << 20
+"""Most bytes of ``__metadata__`` (keys and values, as UTF-8) one file may carry, and of an
+index's ``metadata``. qtool copies it into every output; real files carry a few bytes."""
 
 INDEX_SIZE_LIMIT = 100_000_000
 """Largest accepted ``*.safetensors.index.json`` file, in bytes."""

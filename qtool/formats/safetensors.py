@@ -32,7 +32,6 @@ from qtool.formats._common import (
     _ALIGN_MIN_BYTES,
     _INTP_LIMIT,
     DTYPES,
-    HEADER_SIZE_LIMIT,
     MAX_DIMS,
     CheckpointError,
     NotUnicodeError,
@@ -111,11 +110,11 @@ class SafetensorsFile:
         prefix = bytearray(8)
         _pread_exact(self._fd, memoryview(prefix), 0, self.path, "header length")
         (n,) = struct.unpack("<Q", prefix)
-        if n > HEADER_SIZE_LIMIT:
+        if n > _common.HEADER_SIZE_LIMIT:
             # The value itself is not shown: the bytes of a file that fails validation are
             # never echoed (it could be any file, not a checkpoint at all).
             raise self._fail(f"header length (first 8 bytes) exceeds the "
-                             f"{HEADER_SIZE_LIMIT}-byte limit; not a safetensors file?")
+                             f"{_common.HEADER_SIZE_LIMIT}-byte limit; not a safetensors file?")
         if n > self.size - 8:
             raise self._fail(
                 f"header length (first 8 bytes) runs beyond the end of the file "
@@ -139,6 +138,12 @@ class SafetensorsFile:
         # TensorInfo records (see stream_pairs); anything unusual takes the whole parse.
         pairs = stream_pairs(text)
         if pairs is None:
+            # The whole parse builds every entry at once: bound it before it starts. Each
+            # entry has at least four colons outside strings (a colon inside one only counts
+            # too many), so this admits at most twice the limit.
+            if text.count(":") > 8 * _common.TENSOR_COUNT_LIMIT + 1000:
+                raise self._fail(f"header has too many entries to parse (the limit is "
+                                 f"{_common.TENSOR_COUNT_LIMIT} tensors)")
             try:
                 doc = _parse_json(text)
             except NotUnicodeError as exc:
@@ -184,6 +189,7 @@ class SafetensorsFile:
         if not isinstance(entry, _Obj):
             raise self._fail(f"__metadata__ is a {_json_kind(entry)}, not an object")
         out: dict[str, str] = {}
+        size = 0
         for key, value in entry:
             if key in out:
                 raise self._fail(f"__metadata__ has duplicate key {_short(key)}")
@@ -191,6 +197,11 @@ class SafetensorsFile:
                 raise self._fail(
                     f"__metadata__[{_short(key)}] is a {_json_kind(value)}, not a string"
                 )
+            # Copied into every output, several times on the way: bounded like the header.
+            size += len(key) + len(value)
+            if size > _common.METADATA_SIZE_LIMIT:
+                raise self._fail(f"__metadata__ holds more than {_common.METADATA_SIZE_LIMIT} "
+                                 "characters, qtool's limit")
             out[key] = value
         return out
 

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from qtool.formats import _common
 from qtool.formats._common import (
     _INDEX_SUFFIX,
-    INDEX_SIZE_LIMIT,
     CheckpointError,
     NotUnicodeError,
     TensorInfo,
@@ -139,12 +140,17 @@ def _read_index(p: Path) -> bytes:
     fd = _open_regular(p)
     try:
         size = os.fstat(fd).st_size
-        if size > INDEX_SIZE_LIMIT:
+        if size > _common.INDEX_SIZE_LIMIT:
             raise CheckpointError(
-                f"{p}: index is {size} bytes, over the {INDEX_SIZE_LIMIT}-byte limit"
+                f"{p}: index is {size} bytes, over the {_common.INDEX_SIZE_LIMIT}-byte limit"
             )
         buf = bytearray(size)
         _pread_exact(fd, memoryview(buf), 0, p, "index")
+        # Every entry of weight_map has a colon after its key (a colon inside a string only
+        # counts too many): twice the tensor limit bounds what the parse may build.
+        if buf.count(b":") > 2 * _common.TENSOR_COUNT_LIMIT + 1000:
+            raise CheckpointError(f"{p}: index lists more tensors than qtool's limit of "
+                                  f"{_common.TENSOR_COUNT_LIMIT} per checkpoint")
         return bytes(buf)
     finally:
         os.close(fd)
@@ -177,6 +183,11 @@ def _open_index(p: Path) -> Checkpoint:
         index_metadata = _plain(meta) if meta is not None else None
     except RecursionError:
         raise CheckpointError(f"{label}: index metadata is nested too deeply") from None
+    # Copied into every output index, like a file's __metadata__: bounded like it.
+    if index_metadata is not None and (
+            len(json.dumps(index_metadata, ensure_ascii=False)) > _common.METADATA_SIZE_LIMIT):
+        raise CheckpointError(f"{label}: index metadata holds more than "
+                              f"{_common.METADATA_SIZE_LIMIT} characters, qtool's limit")
 
     if "weight_map" not in top:
         kind = sniff(raw[:4096], p.name)
@@ -188,6 +199,9 @@ def _open_index(p: Path) -> Checkpoint:
         raise CheckpointError(f"{label}: weight_map is a {_json_kind(wm)}, not an object")
     if not wm:
         raise CheckpointError(f"{label}: weight_map is empty")
+    if len(wm) > _common.TENSOR_COUNT_LIMIT:
+        raise CheckpointError(f"{label}: weight_map lists {len(wm)} tensors, more than qtool's "
+                              f"limit of {_common.TENSOR_COUNT_LIMIT} per checkpoint")
 
     root = p.parent
     real_root = root.resolve()
@@ -213,8 +227,17 @@ def _open_index(p: Path) -> Checkpoint:
         placed[tensor] = canonical[shard_name]
 
     infos: list[TensorInfo] = []
+    header_bytes = 0
     for shard in shards:
         with SafetensorsFile(shard) as f:
+            # The limits hold for the checkpoint as a whole: its per-tensor state is kept
+            # for all shards (each file was bounded by them before it was parsed).
+            header_bytes += f.data_start - 8
+            if header_bytes > _common.HEADER_SIZE_LIMIT:
+                raise CheckpointError(
+                    f"{label}: the shards' headers hold more than {_common.HEADER_SIZE_LIMIT} "
+                    "bytes in all, qtool's limit per checkpoint (reached at "
+                    f"{shard.name})")
             for t in f.tensors:
                 where = placed.get(t.name)
                 if where is None:
