@@ -20,7 +20,6 @@ from qtool.formats import compressed_tensors_layout as L
 from qtool.formats import compressed_tensors_read as R
 from qtool.formats import hf_folder
 from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, TensorInfo
-from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import open_checkpoint
 from qtool.formats.writer import SafetensorsWriter
 from qtool.pipeline.staging import OutputError, _check_output_dir, _Staging
@@ -84,7 +83,8 @@ class CTFolder:
         ckpt = open_checkpoint(root)
         self.index_path = ckpt.index_path
         self.index_metadata = ckpt.index_metadata
-        self.files = {p.name: SafetensorsFile(p) for p in ckpt.shards}
+        # the file the checkpoint validated, when it still holds it (no second parse)
+        self.files = {p.name: ckpt.take_file(p) for p in ckpt.shards}
         self.shards = list(self.files)
         located: dict[str, tuple[str, TensorInfo]] = {}
         for shard, sf in self.files.items():
