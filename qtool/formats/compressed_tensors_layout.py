@@ -216,6 +216,22 @@ def _as_compute(s: np.ndarray) -> np.ndarray:
     return s.astype(np.float64 if s.dtype == np.float64 else np.float32)
 
 
+def scale_problem(scale: np.ndarray) -> str | None:
+    """What is wrong with a module's ``weight_scale`` values, None when every one is finite
+    and > 0. A zero, negative or non-finite scale restores zeros, sign-flipped or NaN weights,
+    so it is refused as the scales of qtool's own artifacts are (same wording)."""
+    s = _as_compute(np.asarray(scale))
+    if bool(np.all(s > 0)) and bool(np.isfinite(s.max(initial=0.0))):
+        return None
+    kinds = [(int(np.count_nonzero(s == 0)), "zero"),
+             (int(np.count_nonzero((s < 0) & np.isfinite(s))), "negative"),
+             (int(np.count_nonzero(np.isnan(s))), "NaN"),
+             (int(np.count_nonzero(np.isinf(s))), "infinite")]
+    bad = s.size - int(np.count_nonzero(np.isfinite(s) & (s > 0)))
+    detail = ", ".join(f"{n} {k}" for n, k in kinds if n)
+    return f"{bad} of {s.size} scales are not finite and > 0 ({detail})"
+
+
 def _round_to(y: np.ndarray, dtype_name: str) -> np.ndarray:
     """Round float32 ``y`` to ``dtype_name`` (nearest, ties to even), returned widened exactly."""
     if dtype_name == "float16":
@@ -255,6 +271,9 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
     if zero_point is not None and zero_point.shape != scale.shape:
         raise ValueError(f"{where}.weight_zero_point has shape {list(zero_point.shape)}, "
                          f"the weight_scale's is {list(scale.shape)}")
+    problem = scale_problem(scale)
+    if problem is not None:
+        raise ValueError(f"{where}.weight_scale: {problem}")
     s = _as_compute(scale)
     x = q.astype(s.dtype)
     if args.strategy == "group":

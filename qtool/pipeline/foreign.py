@@ -83,15 +83,31 @@ class CTFolder:
         ckpt = open_checkpoint(root)
         self.index_path = ckpt.index_path
         self.index_metadata = ckpt.index_metadata
-        # the file the checkpoint validated, when it still holds it (no second parse)
-        self.files = {p.name: ckpt.take_file(p) for p in ckpt.shards}
-        self.shards = list(self.files)
-        located: dict[str, tuple[str, TensorInfo]] = {}
-        for shard, sf in self.files.items():
-            for info in sf.tensors:
-                located[info.name] = (shard, info)
-        self.located = located
-        self.modules = self._find_modules()
+        self.files: dict[str, SafetensorsFile] = {}
+        try:
+            # the file the checkpoint validated, when it still holds it (no second parse)
+            for p in ckpt.shards:
+                self.files[p.name] = ckpt.take_file(p)
+            self.shards = list(self.files)
+            located: dict[str, tuple[str, TensorInfo]] = {}
+            for shard, sf in self.files.items():
+                for info in sf.tensors:
+                    located[info.name] = (shard, info)
+            self.located = located
+            self.modules = self._find_modules()
+            self._check_scales()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_scales(self) -> None:
+        """Every module's scales finite and > 0, checked before anything is written or
+        measured (one module's scales at a time: they are small beside its weight)."""
+        for m in self.modules.values():
+            info = m.tensors["weight_scale"]
+            problem = L.scale_problem(self.read(info))
+            if problem is not None:
+                raise CheckpointError(f"{info.path}: tensor {info.name!r}: {problem}")
 
     def _find_modules(self) -> dict[str, Module]:
         names = {n.rpartition(".")[0] for n in self.located if n.endswith(".weight_scale")}
