@@ -5,6 +5,7 @@ library and every expected value is recomputed here from docs/FORMAT.md (format_
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import blake3
@@ -262,3 +263,49 @@ def test_format_md_loader_reads_scale_codes(tmp_path, weights):
         for name, w in expected.items():
             np.testing.assert_array_equal(np.asarray(got[name], w.dtype), w,
                                           err_msg=f"{art} {name}")
+
+
+def _md_rows(text: str) -> dict[str, list[str]]:
+    """The per-tensor rows of a markdown report: name -> cells after the name."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def test_report_says_codes_as_the_plan_does(tmp_path, weights):
+    """The granularity of a tensor with 8-bit scale codes is `group 16 codes` in every report
+    table (the one-line summary, the rows, markdown), as the mixed-precision plan writes
+    `4-bit g16 codes`; a tensor without codes stays `group 16`."""
+    src = write_checkpoint(tmp_path / "model.safetensors", weights)
+    run("quantize", src, tmp_path / "art", *ARGS, "--scale-bits", "8", "-q")
+    run("quantize", src, tmp_path / "plain", *ARGS, "-q")
+    table = run("report", tmp_path / "art").stdout
+    assert "every quantized tensor: asymmetric, 4 bits, group 16 codes\n" in table
+    assert "every quantized tensor: asymmetric, 4 bits, group 16\n" in \
+        run("report", tmp_path / "plain").stdout
+    dry = run("report", src, *ARGS, "--scale-bits", "8").stdout
+    assert "every quantized tensor: asymmetric, 4 bits, group 16 codes\n" in dry
+    md = _md_rows(run("report", tmp_path / "art", "--format", "markdown").stdout)
+    assert {n: c[3] for n, c in md.items()} == {"a.weight": "group 16 codes",
+                                                "b.weight": "group 16 codes",
+                                                "norm.weight": ""}
+    md = _md_rows(run("report", tmp_path / "plain", "--format", "markdown").stdout)
+    assert md["a.weight"][3] == "group 16"
+    # A mixed plan and the artifact it writes: each tensor's setting the same in both.
+    plan_out = run("report", src, "--target-bits", "5", "--scale-bits", "8").stdout
+    plan = {}
+    for line in plan_out.split("mixed-precision plan (nothing written)\n")[1].splitlines()[2:]:
+        if line.startswith("total:"):
+            break
+        cells = re.split(r"\s{2,}", line)  # columns are 2+ spaces apart, words 1
+        plan[cells[0]] = cells[2].split()  # ['3-bit', 'g16', 'codes'] or ['4-bit', 'channel']
+    run("quantize", src, tmp_path / "mixed", "--target-bits", "5", "--scale-bits", "8", "-q")
+    md = _md_rows(run("report", tmp_path / "mixed", "--format", "markdown").stdout)
+    assert any("codes" in s for s in plan.values()), plan
+    for name, setting in plan.items():
+        bits, unit, *codes = setting
+        gran = f"group {unit[1:]}" if unit.startswith("g") else unit
+        assert [md[name][2], md[name][3]] == [bits.split("-")[0], " ".join([gran, *codes])]

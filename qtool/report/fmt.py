@@ -12,7 +12,10 @@ from qtool.report.energy import EnergyEstimate
 
 
 def _gran(spec: QuantSpec) -> str:
-    return f"group {spec.group_size}" if spec.granularity == "group" else spec.granularity
+    """``group 32``, ``channel``; ``group 32 codes`` with 8-bit scale codes, as the
+    mixed-precision plan says it (report/plan.py setting_label)."""
+    unit = f"group {spec.group_size}" if spec.granularity == "group" else spec.granularity
+    return unit + (" codes" if spec.scale_bits is not None else "")
 
 
 def _fmt_sqnr(x: float) -> str:
