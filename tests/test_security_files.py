@@ -489,3 +489,24 @@ def test_two_processes_into_one_new_target(tmp_path):
     assert err == (f"qtool: error: {out}: was created by another process while qtool was "
                    "writing; it was left untouched and nothing was written\n"), err
     assert snapshot(out) == winner and verify(out) == [] and leftovers(tmp_path) == []
+
+
+def test_report_without_original_reads_no_tensor_data(tmp_path, art):
+    """docs/SECURITY.md, Not guaranteed: `report ART` reports the manifest's figures after
+    the cheap checks only. A NaN written over a scale in place (size kept) reports as before;
+    `report --verify` and `verify` catch it; a broken sidecar header is still refused."""
+    before = run("report", art, "--format", "json").stdout
+    sc = art / "model.scale.safetensors"
+    raw = bytearray(sc.read_bytes())
+    n = struct.unpack("<Q", raw[:8])[0]
+    first = json.loads(raw[8:8 + n])["layers.0.attn.q.weight"]["data_offsets"][0]
+    raw[8 + n + first:8 + n + first + 4] = struct.pack("<f", float("nan"))
+    sc.write_bytes(bytes(raw))
+    assert run("report", art, "--format", "json").stdout == before
+    assert_one_line_error(run("report", art, "--verify", expect=None),
+                          f"{sc}: blake3 differs from the manifest's")
+    r = run("verify", art, "-q", expect=2)
+    assert "tensor 'layers.0.attn.q.weight': 1 of " in r.stderr
+    raw[8:10] = b"X "  # the header's first bytes: '{"' -> 'X '
+    sc.write_bytes(bytes(raw))
+    assert_one_line_error(run("report", art, expect=None), f"{sc}: ")
