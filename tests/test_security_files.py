@@ -216,6 +216,12 @@ def test_unrestorable_tensor_is_refused_by_name(tmp_path, dtype, top, scheme):
            "restoration would overflow to inf; keep it in float with --skip",
            watch=(src.parent,))
     assert not (tmp_path / "out").exists()
+    # The dry run says what quantize would do (it crashed on the infinite error before).
+    doc = json.loads(run("report", src, "--scheme", scheme, "--format", "json").stdout)
+    (t,) = doc["tensors"]
+    assert t["results"][scheme]["quantized"] is False
+    assert t["results"][scheme]["passthrough"] == \
+        f"{scheme}: its restoration in {t['dtype']} would overflow to inf"
 
 
 @pytest.mark.parametrize("scheme", ["symmetric", "asymmetric", "gnmt", "symmetric-unsigned"])
@@ -231,6 +237,9 @@ def test_what_quantizes_near_the_maximum_restores(tmp_path, scheme, dtype):
         src = write_checkpoint(tmp_path / f"m{i}.safetensors", {"w": w.astype(dtype)})
         out = tmp_path / f"o{i}"
         r = run("quantize", src, out, "--scheme", scheme, "-q", expect=None)
+        dry = json.loads(run("report", src, "--scheme", scheme, "--format", "json").stdout)
+        # the dry run quantizes exactly what quantize does not refuse
+        assert dry["tensors"][0]["results"][scheme]["quantized"] is (r.exit_code == 0)
         if r.exit_code == 2:
             assert "restoration would overflow" in r.stderr
             continue

@@ -25,6 +25,7 @@ from qtool.formats.native_source import NativeShard
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
 from qtool.pipeline.plan import QuantizeOptions, TensorResult, make_plan, scale_overflow
+from qtool.pipeline.run import _check_restorable
 from qtool.pipeline.streams import _jobs
 
 # --------------------------------------------------------------------------- measuring (report)
@@ -105,6 +106,10 @@ class DryRun:
             return kept(f"{spec.scheme}: {e}")
         if not np.isfinite(qt.scale).all():
             return kept(f"{spec.scheme}: {scale_overflow(spec)}")
+        try:  # quantize refuses such a tensor; the dry run shows it as not possible
+            _check_restorable(sf.path, info, spec, qt)  # type: ignore[arg-type]
+        except CheckpointError:
+            return kept(f"{spec.scheme}: its restoration in {info.dtype} would overflow to inf")
         stored = stored_bytes(info.shape, spec)  # as the artifact would store it
         return TensorRecord(info.name, info.path.name, info.dtype, info.shape, spec,
                             stats=qt.stats, original_bytes=info.nbytes, stored_bytes=stored)
