@@ -20,6 +20,7 @@ from qtool.formats import compressed_tensors_layout as L
 from qtool.formats import compressed_tensors_read as R
 from qtool.formats import hf_folder
 from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, TensorInfo
+from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import open_checkpoint
 from qtool.formats.writer import SafetensorsWriter
 from qtool.pipeline.staging import OutputError, _check_output_dir, _Staging
