@@ -164,15 +164,16 @@ def dequantize(art_dir: Path, out: Any, dtype: str, jobs: int, verify_: bool, fo
         if verify_:
             raise click.UsageError("--verify applies to a qtool artifact; "
                                    f"{art_dir} is a compressed-tensors folder")
-        n = sum(1 for _ in dequantize_ct(art_dir, Path(out), dtype, force))
-        _note(quiet, f"restored {n} tensors into {out} in {time.perf_counter() - t0:.2f} s")
-        return EXIT_OK
-    results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
-    m = Artifact.open(art_dir).manifest
-    out = restore_target(out, m.shards[0] if m.index is None else None)
-    total = sum(t.original_bytes for t in m.tensors)
-    n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
-                                 _show_progress(quiet)))
+        restored = dequantize_ct(art_dir, out, dtype, force)
+        n = sum(1 for _ in restored)
+        out, total = restored.out, restored.total_bytes
+    else:
+        results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
+        m = Artifact.open(art_dir).manifest
+        out = restore_target(out, m.shards[0] if m.index is None else None)
+        total = sum(t.original_bytes for t in m.tensors)
+        n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
+                                     _show_progress(quiet)))
     seconds = time.perf_counter() - t0
     if as_json or fmt == "json":
         click.echo(json.dumps({"output": str(out), "tensors": n, "dtype": dtype,

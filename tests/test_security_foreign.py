@@ -220,3 +220,27 @@ def test_the_layout_reader_refuses_them_too():
                                          r"> 0 \(1 negative\)$"):
         decompress_weight({"weight": q, "weight_scale": np.array([[1.0], [-1.0]], np.float32)},
                           args, "int-quantized", "m")
+
+
+@pytest.mark.parametrize("how", ["slash", "existing"])
+def test_ct_dequantize_speaks_json_and_restores_into_a_directory_like_an_artifact(tmp_path,
+                                                                                 how):
+    """CLI polish (issue 15) holds for compressed-tensors folders too: `--format json` (and
+    `--json`) print the same document as for an artifact, and OUT as a directory (existing,
+    or DIR/) receives the file under its own name, as cp would."""
+    folder = ct_folder(tmp_path / "ct", fmt="int-quantized")
+    d = tmp_path / "restored"
+    if how == "existing":
+        d.mkdir()
+    target = str(d) + ("/" if how == "slash" else "")
+    r = run("dequantize", folder, target, "--format", "json", "-q")
+    out = d / "model.safetensors"
+    assert list(d.iterdir()) == [out] and r.stderr == ""
+    doc = json.loads(r.stdout)
+    restored = load_file(out)
+    assert doc.pop("seconds") >= 0
+    assert doc == {"output": str(out), "tensors": 3, "dtype": "original",
+                   "bytes": sum(v.nbytes for v in restored.values())}
+    r = run("dequantize", folder, tmp_path / "f.safetensors", "--json", "-q")
+    assert json.loads(r.stdout)["output"] == str(tmp_path / "f.safetensors")
+    assert_one_line_error(run("dequantize", folder, target, expect=2), f"{out}: file exists")

@@ -23,6 +23,7 @@ from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError, TensorIn
 from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import open_checkpoint
 from qtool.formats.writer import SafetensorsWriter
+from qtool.pipeline.dequantize import restore_target
 from qtool.pipeline.staging import OutputError, _check_output_dir, _Staging
 
 OUT_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -206,17 +207,31 @@ def widen(arr: np.ndarray, code: str) -> np.ndarray:
     return arr
 
 
+class CTRestore:
+    """A restore run: iterate it for each written tensor's name. ``out`` is where it writes
+    (a directory given becomes the file in it), ``total_bytes`` the tensor bytes written."""
+
+    def __init__(self, ct: CTFolder, out: Path, dtype: str, replace: bool) -> None:
+        self.out, self.total_bytes = out, 0
+        self._run = _dequantize_run(ct, out, dtype, replace, self)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._run
+
+
 def dequantize_ct(folder: str | Path, out: str | Path, dtype: str = "original",
-                  force: bool = False) -> Iterator[str]:
+                  force: bool = False) -> CTRestore:
     """Restore a compressed-tensors folder's float weights into ``out`` (a .safetensors file,
-    or a directory of shards and index for a sharded folder). Each decompressed weight is in
-    its scale's dtype (as the library returns it) unless ``dtype`` says otherwise. Yields each
-    written tensor's name. Bad input raises before anything is written."""
-    root, out = Path(folder), Path(out)
+    existing directory or ``DIR/`` as for artifacts, or a directory of shards and index for a
+    sharded folder). Each decompressed weight is in its scale's dtype (as the library returns
+    it) unless ``dtype`` says otherwise. Bad input raises before anything is written."""
+    root = Path(folder)
     if dtype != "original" and dtype not in OUT_CODES:
         raise SpecError(f"unknown --dtype {dtype!r}; choose original, {', '.join(OUT_CODES)}")
     ct = CTFolder(root)
     try:
+        # into an existing directory or one given as DIR/, as cp would (and as for artifacts)
+        out = restore_target(out, ct.shards[0] if ct.index_path is None else None)
         if out.resolve() == root.resolve() or root.resolve() in out.resolve().parents:
             raise OutputError(f"{out}: output would be written inside the model folder {root}")
         if ct.index_path is not None:
@@ -228,11 +243,11 @@ def dequantize_ct(folder: str | Path, out: str | Path, dtype: str = "original",
     except BaseException:
         ct.close()
         raise
-    return _dequantize_run(ct, out, dtype, force and ct.index_path is None)
+    return CTRestore(ct, out, dtype, force and ct.index_path is None)
 
 
-def _dequantize_run(ct: CTFolder, out: Path, dtype: str,
-                    replace: bool = False) -> Iterator[str]:
+def _dequantize_run(ct: CTFolder, out: Path, dtype: str, replace: bool,
+                    counts: CTRestore) -> Iterator[str]:
     stage = _Staging(out, replace=replace)
     try:
         weight_map: dict[str, str] = {}
@@ -261,6 +276,7 @@ def _dequantize_run(ct: CTFolder, out: Path, dtype: str,
                                 raise CheckpointError(f"{what.path}: tensor {name!r} has values "
                                                       f"beyond the range of {dtype}")
                     w.write(name, arr.view(np.uint8) if arr.dtype == np.uint16 else arr)
+                    counts.total_bytes += arr.nbytes
                     yield name
         if ct.index_path is not None:
             doc = {"metadata": ct.index_metadata or {}, "weight_map": weight_map}
