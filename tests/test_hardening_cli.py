@@ -368,8 +368,12 @@ def test_quantize_of_a_file_truncated_mid_run_fails_cleanly(tmp_path):
     run_ = quantize_checkpoint(src, out, QuantizeOptions(spec=schemes.QuantSpec()))
     it = iter(run_)
     next(it)  # the first tensor is done; now the file shrinks under the run
-    os.truncate(src, src.stat().st_size // 2)
-    with pytest.raises(CheckpointError, match=re.escape(str(src)) + ".*truncated while open"):
+    half = src.stat().st_size // 2
+    os.truncate(src, half)
+    # the size the file has now, not where the failed read began
+    with pytest.raises(CheckpointError, match=re.escape(str(src)) + f": tensor 't.': the file "
+                       f"now ends at byte {half}, short of the data at bytes .*truncated while "
+                       "open"):
         list(it)
     _nothing_left(tmp_path, out)
 

@@ -284,10 +284,10 @@ def _pread_exact(fd: int, buf: memoryview, offset: int, path: Path, what: str) -
             got = os.preadv(fd, [buf[done:]], offset + done)
         except OSError as exc:
             raise CheckpointError(f"{path}: {what}: read failed: {exc.strerror or exc}") from None
-        if got == 0:
+        if got == 0:  # the size now, not where this read began (that may be far past it)
             raise CheckpointError(
-                f"{path}: {what}: file ended at byte {offset + done}, "
-                f"expected {total - done} more bytes (truncated while open?)"
+                f"{path}: {what}: the file now ends at byte {os.fstat(fd).st_size}, short of "
+                f"the data at bytes [{offset}, {offset + total}) (truncated while open?)"
             )
         done += got
 
