@@ -627,16 +627,21 @@ def test_total_sqnr_gate_and_exclude(tmp_path):
             expect=1)
     (line,) = r.stderr.splitlines()
     assert line.startswith("qtool: fail: total: SQNR ") and "--fail-under-total-sqnr" in line
-    offender = json.loads(r.stdout)["thresholds"]["offenders"][0] \
-        if "thresholds" in json.loads(r.stdout) else None
-    if offender is not None:
-        assert offender["metric"] == "total_sqnr_db"
-        assert offender["value"] == pytest.approx(total, abs=1e-3)
+    checks = json.loads(r.stdout)["checks"]
+    (offender,) = checks["offenders"]
+    assert offender["name"] == "" and offender["metric"] == "total_sqnr_db"
+    assert offender["value"] == pytest.approx(total, abs=1e-3)
+    assert offender["limit"] == pytest.approx(total + 0.01)
+    assert checks["fail_under_total_sqnr"] == pytest.approx(total + 0.01)
+    assert checks["exclude"] == [] and checks["passed"] is False
     excl = _sqnr(tensors["big.weight"], back["big.weight"])
     run("report", art, "--fail-under-total-sqnr", excl - 0.01, "--exclude", "token*",
         "--format", "json")
-    run("report", art, "--fail-under-total-sqnr", excl + 0.01, "--exclude", "token*",
-        "--format", "json", expect=1)
+    r = run("report", art, "--fail-under-total-sqnr", excl + 0.01, "--exclude", "token*",
+            "--format", "json", expect=1)
+    (offender,) = json.loads(r.stdout)["checks"]["offenders"]
+    assert offender["value"] == pytest.approx(excl, abs=1e-3)
+    assert json.loads(r.stdout)["checks"]["exclude"] == ["token*"]
     assert_one_line_error(run("report", art, "--fail-under-total-sqnr", "nan", expect=2),
                           "--fail-under-total-sqnr", "finite")
 

@@ -153,6 +153,8 @@ def iter_json(report: Report, sort: str | None = None, top: int | None = None
         "checks": {
             "fail_under_sqnr": report.fail_under_sqnr,
             "max_error": report.max_error,
+            "fail_under_total_sqnr": report.fail_under_total_sqnr,
+            "exclude": list(report.exclude),
             "passed": not report.offenders,
             "offenders": [{"name": o.name, "group": o.label or report.labels[0],
                            "metric": o.metric, "value": _json_float(o.value),
