@@ -195,7 +195,8 @@ def verify(art_dir: Path, fmt: str, as_json: bool, quiet: bool) -> int:
     from qtool.formats.native import Artifact
 
     art = Artifact.load(art_dir)  # an unreadable manifest is one error like any bad input
-    problems = art.file_problems() + art.tensor_problems()
+    # a file that is not a regular file is named by both checks: said once
+    problems = list(dict.fromkeys(art.file_problems() + art.tensor_problems()))
     m = art.manifest
     n_q = sum(1 for t in m.tensors if t.quantized)
     if as_json or fmt == "json":

@@ -291,8 +291,11 @@ def test_recipe_group_size_beyond_the_bound_is_refused(tmp_path):
     src = write_checkpoint(tmp_path / "m.safetensors")
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'[[rule]]\nmatch = "*"\ngranularity = "group"\ngroup_size = {2**63 - 1}\n')
-    assert_one_line_error(run("quantize", src, tmp_path / "o", "--recipe", recipe, expect=2),
-                          str(recipe), "rule 1", "group_size", str(MAX_GROUP_SIZE))
+    line = assert_one_line_error(run("quantize", src, tmp_path / "o", "--recipe", recipe,
+                                     expect=2), str(recipe), "rule 1", "group_size",
+                                 str(MAX_GROUP_SIZE))
+    assert line == (f"qtool: error: {recipe} rule 1: group_size must be an integer from 1 to "
+                    f"{MAX_GROUP_SIZE}, got {2**63 - 1}")
 
 
 @pytest.mark.skipif(not kernels_available(), reason="the C kernel is not built here")

@@ -96,7 +96,9 @@ def _check_value(where: str, key: str, value: object) -> None:
         # (50, 100]); a spec with only this key changed from the defaults isolates them.
         QuantSpec(**{key: value})
     except SpecError as e:
-        raise RecipeError(f"{where}: {key}: {e}") from None
+        msg = str(e)  # the key once: "group_size: group_size must be ..." said it twice
+        raise RecipeError(f"{where}: {msg if msg.startswith(key) else f'{key}: {msg}'}") \
+            from None
 
 
 def parse_rule(raw: object, where: str) -> Rule:
