@@ -332,6 +332,55 @@ def test_recipe_nested_100000_levels_deep_is_a_one_line_error(tmp_path, body):
     _nothing_left(tmp_path, tmp_path / "o")
 
 
+_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _deep_header(tmp_path: Path) -> tuple[list, str]:
+    src = tmp_path / "deep.safetensors"
+    src.write_bytes(raw_file('{"__metadata__": {"x": ' + _DEEP + '}, '
+                             '"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+                             b"\0" * 4))
+    return ["report", src], f"{src}: header is not valid JSON: 'nested too deeply'"
+
+
+def _deep_index(tmp_path: Path) -> tuple[list, str]:
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    save_file({"w": np.ones((2, 2), np.float32)}, str(d / "a.safetensors"))
+    idx = d / "model.safetensors.index.json"
+    idx.write_text('{"metadata": {"x": ' + _DEEP + '}, "weight_map": {"w": "a.safetensors"}}')
+    return ["quantize", idx, tmp_path / "o"], f"{idx}: index is not valid JSON: 'nested too deeply'"
+
+
+def _deep_manifest(tmp_path: Path) -> tuple[list, str]:
+    art = _quantized(tmp_path)
+    _edit_manifest(art, lambda t: t.replace('"format_version"', '"x": ' + _DEEP +
+                                            ', "format_version"', 1))
+    return ["verify", art], f"{art / 'qtool.json'}: not valid JSON (nested too deeply)"
+
+
+def _deep_energy_model(tmp_path: Path) -> tuple[list, str]:
+    model = tmp_path / "energy.json"
+    model.write_text('{"x": ' + _DEEP + "}")
+    return (["report", write_checkpoint(tmp_path / "m.safetensors"), "--energy-model", model],
+            f"{model}: energy model is not valid JSON (nested too deeply)")
+
+
+@pytest.mark.parametrize("make", [_deep_header, _deep_index, _deep_manifest,
+                                  _deep_energy_model],
+                         ids=["header", "index", "manifest", "energy_model"])
+def test_json_nested_100000_levels_deep_is_a_one_line_error(tmp_path, make):
+    """Every JSON qtool reads, not only recipes: the RecursionError is one line naming the
+    file (the energy model's said 'maximum recursion depth exceeded while decoding a JSON
+    array from a unicode stri', cut mid-word)."""
+    args, message = make(tmp_path)
+    before = snapshot(tmp_path)
+    line = assert_one_line_error(run(*args, expect=2), message)
+    assert line.endswith(message) and "recursion" not in line
+    assert snapshot(tmp_path) == before
+    _nothing_left(tmp_path, tmp_path / "o")
+
+
 # --------------------------------------------------------------------------- truncation
 
 

@@ -63,7 +63,9 @@ def load_energy_model(path: str | Path) -> EnergyModel:
     try:
         # parse_constant: NaN/Infinity are not JSON, and not energy figures either.
         doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise ReportError(f"{p}: energy model is not valid JSON (nested too deeply)") from None
+    except ValueError as e:
         raise ReportError(f"{p}: energy model is not valid JSON ({str(e):.80})") from None
     try:
         return EnergyModel.from_dict(doc)
