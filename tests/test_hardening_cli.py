@@ -528,10 +528,11 @@ def _one_row_checkpoint(path: Path, values: int, dtype=np.float32) -> Path:
 _MB = 1 << 20
 
 
-@pytest.mark.parametrize("args", [[], ["--range", "percentile"]])
-def test_one_row_tensor_quantize_stays_in_the_memory_bound(tmp_path, args):
+@pytest.mark.parametrize("args, dtype", [([], np.float32), (["--range", "percentile"], np.float32),
+                                         ([], np.float16)], ids=["minmax", "percentile", "f16"])
+def test_one_row_tensor_quantize_stays_in_the_memory_bound(tmp_path, args, dtype):
     values = 10**7
-    src = _one_row_checkpoint(tmp_path / "m.safetensors", values)
+    src = _one_row_checkpoint(tmp_path / "m.safetensors", values, dtype)
     bound = 2 * values * 4 + 150 * _MB
     peak = _peak_rss("quantize", src, tmp_path / "o", "-q", *args)
     assert peak < bound, (peak / _MB, bound / _MB)
