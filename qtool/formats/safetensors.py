@@ -1,9 +1,8 @@
 """The validating safetensors reader.
 
 The safetensors format is parsed here directly (not through the ``safetensors`` package) so
-that hostile or broken inputs are rejected with a precise one-line message, and tensors can be
-read one at a time with ``os.preadv`` into page-congruent buffers or viewed through a memory
-map.
+that hostile or broken inputs are rejected with a precise one-line message, and tensors are
+read one at a time with ``os.preadv`` into page-congruent buffers (never a memory map).
 
 Layout of a safetensors file::
 
@@ -21,7 +20,6 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -58,12 +56,9 @@ _CODES = {code: code for code in DTYPES}
 
 
 class SafetensorsFile:
-    """A validated, read-only view of one safetensors file.
-
-    Opening parses and validates the whole header (see the module docstring); tensor data is
-    only read on :meth:`read` / :meth:`read_into`. The file is never modified. Reads use
-    ``pread`` and are safe to issue from several threads.
-    """
+    """A validated, read-only view of one safetensors file: opening parses and validates the
+    whole header; tensor data is read (``pread``, safe from several threads) only on
+    :meth:`read`, :meth:`read_into` and :meth:`view`. The file is never modified."""
 
     path: Path
     size: int
@@ -377,11 +372,9 @@ class SafetensorsFile:
         """Elements [start, stop) of the tensor, flat, as a fresh array read with ``pread``
         into a page-congruent buffer. Use it for data read once, in runs, to bound memory:
         the buffer goes when the array (and every view of it) is dropped. With ``buffer`` (a
-        caller's reusable uint8 array, see :func:`aligned_buffer`) the data goes into it.
-
-        Not a memory map: a file truncated by another process while mapped kills the reader
-        with SIGBUS. A short read is a one-line CheckpointError ("truncated while open?").
-        """
+        caller's reusable uint8 array, see :func:`aligned_buffer`) the data goes into it. Not a
+        memory map, whose truncation by another process kills the reader with SIGBUS: a short
+        read is a one-line CheckpointError ("truncated while open?")."""
         t = self._resolve(info)
         dt = DTYPES[t.dtype]
         count = t.numel if t.nbytes else 0
@@ -413,12 +406,7 @@ class SafetensorsFile:
     def __enter__(self) -> SafetensorsFile:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
