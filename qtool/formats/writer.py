@@ -4,6 +4,7 @@ the caller computes the next piece."""
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import math
@@ -12,7 +13,7 @@ import queue
 import secrets
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,6 +31,10 @@ _PIECE_BYTES = 1 << 20
 
 # ml_dtypes' types a caller may still pass (qtool itself holds these as bit patterns)
 _BIT_TYPES = {"bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+# Dtype codes by index: the writer keeps one byte per entry for its code.
+_CODES = tuple(DTYPES)
+_CODE_INDEX = {code: i for i, code in enumerate(_CODES)}
 
 
 class SafetensorsWriter:
@@ -55,7 +60,7 @@ class SafetensorsWriter:
     def __init__(
         self,
         path: str | Path,
-        entries: list[tuple[str, str, tuple[int, ...]]],
+        entries: Iterable[tuple[str, str, Sequence[int]]],
         metadata: dict[str, str] | None = None,
         *,
         digest: bool = True,
@@ -70,50 +75,16 @@ class SafetensorsWriter:
         self._queue: queue.Queue[Any] | None = None
         self._error: BaseException | None = None
         self._stop = False
-        self._entries: list[tuple[str, str, tuple[int, ...], int]] = []
-        # The header is built as UTF-8 text entry by entry, exactly as json.dumps(header,
-        # separators=(",", ":"), ensure_ascii=False) writes the dict: a dict of every entry
-        # is ~350 bytes a tensor, the largest cost of a quantize run of 200,000 tensors.
-        body = bytearray(8)  # the length prefix, filled in below
-        body += b"{"
-        if metadata is not None:
-            if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-            ):
-                raise ValueError("metadata must be a dict of str -> str")
-            body += _utf8('"__metadata__":' + json.dumps(
-                dict(metadata), separators=(",", ":"), ensure_ascii=False))
-        names: set[str] = set()
-        pos = 0
-        for entry in entries:
-            name, code, shape = entry
-            if not isinstance(name, str) or name == "__metadata__":
-                raise ValueError(f"invalid tensor name {name!r}")
-            if name in names:
-                raise ValueError(f"duplicate tensor name {name!r}")
-            names.add(name)
-            if code not in DTYPES:
-                raise ValueError(f"tensor {name!r}: unknown dtype code {code!r}")
-            # The caller's tuple when it is one of ints (no copy per tensor), else converted.
-            dims = shape if type(shape) is tuple and all(type(d) is int for d in shape) \
-                else tuple(int(d) for d in shape)
-            if any(d < 0 for d in dims):
-                raise ValueError(f"tensor {name!r}: negative dimension in shape {dims}")
-            nbytes = math.prod(dims) * DTYPES[code].itemsize
-            if len(body) > 9:
-                body += b","
-            body += _utf8(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{code}",'
-                          f'"shape":[{",".join(map(str, dims))}],'
-                          f'"data_offsets":[{pos},{pos + nbytes}]}}')
-            self._entries.append((name, code, dims, nbytes))
-            pos += nbytes
-        del names
-        body += b"}"
-        body += b" " * (-(len(body) - 8) % 8)
-        body[:8] = struct.pack("<Q", len(body) - 8)
-        self.header_bytes = bytes(body)
-        del body
-        self._size = len(self.header_bytes) + pos
+        # What the write-order and size checks need, and no more (with 200,000 tensors a
+        # tuple per entry, a set of names and the header kept in memory cost ~60 MB): the
+        # names in order (the caller's own str objects), each entry's dtype code as an index
+        # into _CODES, and its byte size.
+        self._names: list[str] = []
+        self._codes = bytearray()
+        self._sizes = array.array("q")
+        if metadata is not None and (not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise ValueError("metadata must be a dict of str -> str")
         self._next = 0
         self.algorithm = algorithm
         self._hash = _digest.new(algorithm) if digest else None
@@ -121,6 +92,8 @@ class SafetensorsWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
         self._file = open(self._tmp, "xb")  # closed in close() / abort()
         try:
+            self.header_size = self._write_header(entries, metadata)
+            self._size = self.header_size + sum(self._sizes)
             self._reserve()
             if background:
                 self._queue = queue.Queue(maxsize=max(1, queue_depth))
@@ -128,10 +101,67 @@ class SafetensorsWriter:
                     target=self._drain, name=f"write {self.path.name}", daemon=True
                 )
                 self._thread.start()
-            self._emit(memoryview(self.header_bytes), None)
         except BaseException:
             self.abort()
             raise
+
+    def _write_header(self, entries: Iterable[tuple[str, str, Sequence[int]]],
+                      metadata: dict[str, str] | None) -> int:
+        """Write the header entry by entry, exactly as json.dumps(header, separators=(",",
+        ":"), ensure_ascii=False) writes the dict, straight into the file: it is never held
+        whole (a dict of every entry was ~350 bytes a tensor; its text is ~120). The length
+        prefix is filled in at the end, and the header then hashed from the file, read
+        back. Returns the header's size with its prefix."""
+        assert self._file is not None
+        f = self._file
+        f.write(bytes(8))  # the length prefix, filled in below
+        length = 0
+        piece = bytearray(b"{")
+        if metadata is not None:
+            piece += _utf8('"__metadata__":' + json.dumps(
+                dict(metadata), separators=(",", ":"), ensure_ascii=False))
+        names, codes, sizes = self._names, self._codes, self._sizes
+        pos = 0
+        for entry in entries:
+            name, code, shape = entry
+            if not isinstance(name, str) or name == "__metadata__":
+                raise ValueError(f"invalid tensor name {name!r}")
+            if code not in _CODE_INDEX:
+                raise ValueError(f"tensor {name!r}: unknown dtype code {code!r}")
+            dims = shape if type(shape) is tuple and all(type(d) is int for d in shape) \
+                else tuple(int(d) for d in shape)
+            if any(d < 0 for d in dims):
+                raise ValueError(f"tensor {name!r}: negative dimension in shape {dims}")
+            nbytes = math.prod(dims) * DTYPES[code].itemsize
+            if names or metadata is not None:
+                piece += b","
+            piece += _utf8(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{code}",'
+                           f'"shape":[{",".join(map(str, dims))}],'
+                           f'"data_offsets":[{pos},{pos + nbytes}]}}')
+            names.append(name)
+            codes.append(_CODE_INDEX[code])
+            sizes.append(nbytes)
+            pos += nbytes
+            if len(piece) >= _PIECE_BYTES:
+                f.write(piece)
+                length += len(piece)
+                piece.clear()
+        _check_unique(names)
+        piece += b"}"
+        piece += b" " * (-(length + len(piece)) % 8)
+        f.write(piece)
+        length += len(piece)
+        del piece
+        f.flush()
+        prefix = struct.pack("<Q", length)
+        os.pwrite(f.fileno(), prefix, 0)
+        if self._hash is not None:
+            self._hash.update(prefix)
+            with open(self._tmp, "rb") as back:
+                back.seek(8)
+                for _ in range(0, length, _PIECE_BYTES):
+                    self._hash.update(back.read(_PIECE_BYTES))
+        return 8 + length
 
     def _reserve(self) -> None:
         """Allocate the file's blocks up front, its size being known: buffered writes into
@@ -163,7 +193,7 @@ class SafetensorsWriter:
     @property
     def pending(self) -> list[str]:
         """Names of the entries not written yet, in order."""
-        return [e[0] for e in self._entries[self._next :]]
+        return self._names[self._next :]
 
     def _put(self, mv: memoryview) -> None:
         assert self._file is not None
@@ -221,24 +251,25 @@ class SafetensorsWriter:
             self._queue.put(None)
             thread.join()
 
-    def _check_next(self, name: str) -> tuple[str, tuple[int, ...], int]:
+    def _check_next(self, name: str) -> tuple[str, int]:
         if self._file is None:
             raise ValueError(f"{self.path}: writer is closed")
-        if self._next >= len(self._entries):
+        i = self._next
+        if i >= len(self._names):
             raise ValueError(f"{self.path}: tensor {name!r}: all entries are already written")
-        exp_name, code, shape, nbytes = self._entries[self._next]
+        exp_name = self._names[i]
         if name != exp_name:
             raise ValueError(
                 f"{self.path}: tensor {name!r} written out of order; expected {exp_name!r}"
             )
-        return code, shape, nbytes
+        return _CODES[self._codes[i]], self._sizes[i]
 
     def write(
         self, name: str, data: np.ndarray | np.generic | bytes | bytearray | memoryview
     ) -> None:
         """Write the next tensor. ``data`` is an array (of the entry's dtype, or raw uint8
         bytes) or a bytes-like object; its byte length must match the entry's."""
-        code, shape, nbytes = self._check_next(name)
+        code, nbytes = self._check_next(name)
         if self._partial:
             raise ValueError(f"{self.path}: tensor {name!r} is being written in chunks")
         if isinstance(data, np.ndarray | np.generic):
@@ -264,7 +295,7 @@ class SafetensorsWriter:
         if mv.nbytes != nbytes:
             raise ValueError(
                 f"{self.path}: tensor {name!r}: got {mv.nbytes} bytes, expected {nbytes} "
-                f"(shape {list(shape)} of {code})"
+                f"({code})"
             )
         self._emit(mv, None)
         self._next += 1
@@ -276,7 +307,7 @@ class SafetensorsWriter:
         the tensor's data. The entry is complete once all its bytes have been given, and the
         next call starts the next entry. ``release`` is called once the bytes are written
         (at once without a background thread)."""
-        code, shape, nbytes = self._check_next(name)
+        code, nbytes = self._check_next(name)
         arr = np.asarray(data)
         if not arr.flags.c_contiguous:
             raise ValueError(f"{self.path}: tensor {name!r}: chunks must be C-contiguous")
@@ -284,7 +315,7 @@ class SafetensorsWriter:
         if self._partial + mv.nbytes > nbytes:
             raise ValueError(
                 f"{self.path}: tensor {name!r}: chunks add up to more than its {nbytes} bytes "
-                f"(shape {list(shape)} of {code})"
+                f"({code})"
             )
         self._emit(mv, release)
         self._partial += mv.nbytes
@@ -296,7 +327,7 @@ class SafetensorsWriter:
         """Finish: check every entry was written, flush, and move the file into place."""
         if self._file is None:
             return
-        if self._next != len(self._entries):
+        if self._next != len(self._names):
             missing = self.pending
             self.abort()
             raise ValueError(
@@ -350,6 +381,15 @@ class SafetensorsWriter:
                 self.abort()
         except Exception:
             pass
+
+
+def _check_unique(names: list[str]) -> None:
+    """Refuse (ValueError) a name given twice. A sorted copy of the list (8 bytes a name)
+    rather than a set of every name (~40 bytes a name, the writer's largest cost)."""
+    ordered = sorted(names)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if a == b:
+            raise ValueError(f"duplicate tensor name {a!r}")
 
 
 def _unlink_quietly(p: Path) -> None:

@@ -632,7 +632,7 @@ def test_writer_read_by_safetensors_library(tmp_path):
 
     # header layout: metadata first, then entries in order, contiguous, padded to 8
     n = struct.unpack("<Q", blob[:8])[0]
-    assert n % 8 == 0
+    assert n % 8 == 0 and w.header_size == 8 + n
     text = blob[8 : 8 + n].decode()
     assert text.rstrip(" ").endswith("}") and len(text) - len(text.rstrip(" ")) < 8
     hdr = json.loads(blob[8 : 8 + n])
@@ -664,7 +664,7 @@ def test_writer_read_by_safetensors_library(tmp_path):
 
     # and so do we (including F8), with identical header bytes
     with SafetensorsFile(p) as f:
-        assert f.header_bytes == w.header_bytes
+        assert f.header_bytes == blob[: w.header_size]
         assert f.metadata == meta
         assert [t.name for t in f.tensors] == list(tensors)
         for name, a in tensors.items():
@@ -804,3 +804,70 @@ def test_writer_reader_round_trip_property(tmp_path, specs, meta):
     with safe_open(p, framework="numpy") as f:
         assert set(f.keys()) == set(tensors)
         assert (f.metadata() or None) == (meta or None)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_writer_header_of_many_entries_is_json_dumps_of_the_dict(tmp_path, background):
+    # The header goes out in pieces of 1 MB and is hashed read back from the file: it must be
+    # byte for byte json.dumps of the header dict (padded), and the digest the whole file's.
+    count = 20_000
+    entries = [(f"model.layers.{i}.ü.{'x' * (i % 97)}", ("F32", "BF16", "U8")[i % 3],
+                (i % 5, 3)) for i in range(count)]
+    meta = {"format": "pt"}
+    doc: dict = {"__metadata__": meta}
+    pos = 0
+    for name, code, shape in entries:
+        size = shape[0] * shape[1] * DTYPES[code].itemsize
+        doc[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + size]}
+        pos += size
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    body += b" " * (-len(body) % 8)
+    assert len(body) > 2 << 20  # several pieces
+    p = tmp_path / "many.safetensors"
+    with SafetensorsWriter(p, iter(entries), meta, background=background) as w:
+        assert w.pending[:2] == [entries[0][0], entries[1][0]] and len(w.pending) == count
+        for name, code, shape in entries:
+            w.write(name, np.zeros(shape, DTYPES[code]))
+    blob = p.read_bytes()
+    assert blob[:8] == struct.pack("<Q", len(body)) and blob[8 : 8 + len(body)] == body
+    assert len(blob) == 8 + len(body) + pos and w.size == len(blob)
+    assert w.header_size == 8 + len(body)
+    assert w.digest == blake3.blake3(blob).hexdigest()
+    with safe_open(p, framework="numpy") as f:
+        assert list(f.keys()) == sorted(n for n, _, _ in entries)
+
+
+def test_writer_refuses_a_duplicate_far_apart_and_leaves_nothing(tmp_path):
+    p = tmp_path / "dup.safetensors"
+    entries = [(f"t{i}", "F32", (2,)) for i in range(5000)] + [("t17", "F32", (2,))]
+    with pytest.raises(ValueError, match="duplicate tensor name 't17'"):
+        SafetensorsWriter(p, entries)
+
+    def failing():  # an error from the caller's entries mid-way
+        yield ("a", "F32", (1,))
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        SafetensorsWriter(p, failing())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_checks_each_entrys_size_and_order(tmp_path):
+    p = tmp_path / "o.safetensors"
+    with SafetensorsWriter(p, [("a", "F16", (2, 3)), ("b", "I64", (0,)), ("c", "U8", ())],
+                           background=True) as w:
+        with pytest.raises(ValueError, match="'a': got 4 bytes, expected 12 \\(F16\\)"):
+            w.write("a", b"abcd")
+        with pytest.raises(ValueError, match="does not match F16"):
+            w.write("a", np.zeros((2, 3), np.float32))
+        w.write_chunk("a", np.zeros(2, np.float16))
+        with pytest.raises(ValueError, match="chunks add up to more than its 12 bytes"):
+            w.write_chunk("a", np.zeros(5, np.float16))
+        with pytest.raises(ValueError, match="'b' written out of order; expected 'a'"):
+            w.write("b", b"")
+        w.write_chunk("a", np.zeros(4, np.float16))
+        w.write("b", b"")
+        with pytest.raises(ValueError, match="got 2 bytes, expected 1 \\(U8\\)"):
+            w.write("c", b"xy")
+        w.write("c", b"z")
+    assert p.read_bytes()[-13:] == bytes(12) + b"z"
