@@ -155,8 +155,7 @@ def dequantize(art_dir: Path, out: Any, dtype: str, jobs: int, verify_: bool, fo
     folder) into OUT: a .safetensors file, or (like cp) an existing directory or one given as
     DIR/, which receives the file under its original name; for a sharded input, the
     directory that receives the shards."""
-    from qtool.formats.native import Artifact
-    from qtool.pipeline.dequantize import dequantize_artifact, restore_target
+    from qtool.pipeline.dequantize import dequantize_artifact
     from qtool.pipeline.foreign import dequantize_ct, is_ct_folder
 
     t0 = time.perf_counter()
@@ -169,8 +168,7 @@ def dequantize(art_dir: Path, out: Any, dtype: str, jobs: int, verify_: bool, fo
         out, total = restored.out, restored.total_bytes
     else:
         results = dequantize_artifact(art_dir, out, dtype, jobs, verify=verify_, force=force)
-        m = Artifact.open(art_dir).manifest
-        out = restore_target(out, m.shards[0] if m.index is None else None)
+        m, out = results.manifest, results.out
         total = sum(t.original_bytes for t in m.tensors)
         n = sum(1 for _ in _progress(results, len(m.tensors), total, "dequantize",
                                      _show_progress(quiet)))

@@ -9,19 +9,12 @@ See docs/FORMAT.md. For every input shard ``<stem>.safetensors`` the artifact di
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from qtool.core import packing
-from qtool.core.double_quant import scales_of_codes
-from qtool.core.scales import scale_to_float32
-from qtool.core.shapes import rows_cols, zero_point_from_stored
 from qtool.formats import digest as _digest
 from qtool.formats._common import (
     CheckpointError,
@@ -40,6 +33,7 @@ from qtool.formats.manifest import (
     sidecar_names,
     uses_row_scales,
 )
+from qtool.formats.native_check import ShardFiles, check_shard, close_all, shard_problems
 from qtool.formats.safeio import open_regular, read_capped, regular_problem, stat_in
 from qtool.formats.safetensors import SafetensorsFile
 
@@ -50,6 +44,10 @@ class Artifact:
 
     root: Path
     manifest: Manifest
+    # The shard files check(defer=True) validated, open until a reader takes them, and the
+    # shards it left to be checked when taken.
+    _kept: dict[str, ShardFiles] = field(default_factory=dict, repr=False, compare=False)
+    _unchecked: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | Path) -> Artifact:
@@ -88,9 +86,14 @@ class Artifact:
         symlink or a non-regular file is refused)."""
         return SafetensorsFile(self.path(name), in_dir=self.root)
 
-    def check(self) -> None:
+    def check(self, defer: bool = False) -> None:
         """Cheap checks: every file present with its recorded size; every quantized tensor has
-        its integers, scale and zero point with the shapes and dtypes the manifest gives."""
+        its integers, scale and zero point with the shapes and dtypes the manifest gives.
+
+        With ``defer`` (a reader's run) the first shard's files stay open, their headers
+        parsed, for :meth:`take_shard`, and each later shard is checked when it is taken:
+        a header is parsed once a run, and only one shard's at a time (with very many
+        tensors a second parse doubled the per-tensor state)."""
         for name, info in self.manifest.files.items():
             p = self.path(name)
             problem = regular_problem(self.root, name)
@@ -101,50 +104,72 @@ class Artifact:
             size = os.stat(p, follow_symlinks=False).st_size
             if "size" in info and size != info["size"]:
                 raise ArtifactError(f"{p}: size {size} differs from the manifest's {info['size']}")
-        by_file: dict[str, list[TensorRecord]] = {}
-        for t in self.manifest.tensors:
-            by_file.setdefault(t.file, []).append(t)
-        for shard, records in by_file.items():
-            scale_name, zp_name = sidecar_names(shard)
-            with self.open_file(shard) as main, self.open_file(scale_name) as sc, \
-                    self.open_file(zp_name) as zp, self._row_scales(shard) as rs:
-                for t in records:
-                    if t.name not in main:
-                        raise ArtifactError(f"{main.path}: tensor {t.name!r} is missing")
-                    info = main[t.name]
-                    if t.quantized:
-                        want = (t.quantized_dtype, t.stored_shape)
-                    else:
-                        want = (t.dtype, t.shape)
-                    if (info.dtype, info.shape) != want:
-                        raise ArtifactError(
-                            f"{main.path}: tensor {t.name!r} is {info.dtype} {list(info.shape)}, "
-                            f"the manifest says {want[0]} {list(want[1])}"
-                        )
-                    if not t.quantized:
-                        continue
-                    sides = [(sc, t.scale_code, t.param_shape),
-                             (zp, t.zero_point_code, t.zero_point_shape)]
-                    if t.spec is not None and t.spec.scale_bits is not None:
-                        sides.append((rs, "F32", t.row_scale_shape))
-                    for side, dt, shp in sides:
-                        assert side is not None
-                        if t.name not in side:
-                            raise ArtifactError(f"{side.path}: tensor {t.name!r} is missing")
-                        si = side[t.name]
-                        if (si.dtype, si.shape) != (dt, shp):
-                            raise ArtifactError(
-                                f"{side.path}: tensor {t.name!r} is {si.dtype} {list(si.shape)}, "
-                                f"expected {dt} {list(shp)}"
-                            )
-        if self.manifest.index is not None:
-            self.read_index()
+        try:
+            if defer and self.manifest.shards:
+                first, *later = self.manifest.shards
+                self._kept[first] = self._checked_files(first)
+                self._unchecked.update(later)
+            else:
+                by_file: dict[str, list[TensorRecord]] = {}
+                for t in self.manifest.tensors:
+                    by_file.setdefault(t.file, []).append(t)
+                for shard, records in by_file.items():
+                    close_all(self._checked_files(shard, records))
+                del by_file
+            if self.manifest.index is not None:
+                self.read_index()
+        except BaseException:
+            self.release()
+            raise
 
-    def _row_scales(self, shard: str) -> contextlib.AbstractContextManager:
-        """The shard's row-scale file, open (a context), or None when no tensor uses it."""
-        if uses_row_scales(self.manifest.tensors, shard):
-            return self.open_file(row_scale_name(shard))
-        return contextlib.nullcontext()
+    def _checked_files(self, shard: str,
+                       records: list[TensorRecord] | None = None) -> ShardFiles:
+        """The shard's files, open, after checking the manifest's ``records`` of the shard
+        (by default, all of them) against them."""
+        files = self._open_shard_files(shard)
+        try:
+            if records is None:
+                records = [t for t in self.manifest.tensors if t.file == shard]
+            check_shard(records, *files)
+        except BaseException:
+            close_all(files)
+            raise
+        return files
+
+    def _open_shard_files(self, shard: str) -> ShardFiles:
+        """The shard's main file and sidecars, open (the row-scale file only when a tensor
+        uses it)."""
+        scale_name, zp_name = sidecar_names(shard)
+        opened: list[SafetensorsFile] = []
+        try:
+            for name in (shard, scale_name, zp_name):
+                opened.append(self.open_file(name))
+            if uses_row_scales(self.manifest.tensors, shard):
+                opened.append(self.open_file(row_scale_name(shard)))
+        except BaseException:
+            close_all(opened)
+            raise
+        rs = opened[3] if len(opened) > 3 else None
+        return opened[0], opened[1], opened[2], rs
+
+    def take_shard(self, shard: str) -> ShardFiles:
+        """The shard's files, open, the caller's to close: those :meth:`check` validated and
+        kept when it still holds them (taken once), else opened now, and checked first when
+        :meth:`check` deferred it."""
+        files = self._kept.pop(shard, None)
+        if files is not None:
+            return files
+        if shard in self._unchecked:
+            files = self._checked_files(shard)
+            self._unchecked.discard(shard)
+            return files
+        return self._open_shard_files(shard)
+
+    def release(self) -> None:
+        """Close the files :meth:`check` kept and no reader took."""
+        kept, self._kept = self._kept, {}
+        for files in kept.values():
+            close_all(files)
 
     def read_index(self) -> tuple[dict[str, Any], dict[str, str]]:
         """The index of a sharded artifact as ``(metadata, weight_map)``, after checking that
@@ -276,7 +301,7 @@ class Artifact:
                     except CheckpointError as e:
                         problems.append(str(e))
                         opened.append(None)
-                problems += _shard_problems(records, *opened)
+                problems += shard_problems(records, *opened)
             finally:
                 for f in opened:
                     if f is not None:
@@ -297,112 +322,3 @@ def verify(root: str | Path) -> list[str]:
     raises ArtifactError only when the manifest itself is unreadable."""
     art = Artifact.load(root)
     return art.file_problems() + art.tensor_problems()
-
-
-def _shard_problems(records: list[TensorRecord], main: SafetensorsFile | None,
-                    sc: SafetensorsFile | None, zp: SafetensorsFile | None,
-                    rs: SafetensorsFile | None = None) -> list[str]:
-    problems: list[str] = []
-    quantized = {t.name for t in records if t.quantized}
-    coded = {t.name for t in records if t.spec is not None and t.spec.scale_bits is not None}
-    for f, allowed in ((main, {t.name for t in records}), (sc, quantized), (zp, quantized),
-                       (rs, coded)):
-        extra = [] if f is None else [n for n in f.keys() if n not in allowed]
-        if extra:
-            problems.append(f"{f.path}: {len(extra)} tensor(s) the manifest does not list "
-                            f"there, first {extra[0]!r:.80}")
-    for t in records:
-        problems += _tensor_problems(t, main, sc, zp, rs)
-    return problems
-
-
-def _tensor_problems(t: TensorRecord, main: SafetensorsFile | None,
-                     sc: SafetensorsFile | None, zp: SafetensorsFile | None,
-                     rs: SafetensorsFile | None = None) -> list[str]:
-    problems: list[str] = []
-    q = None
-    if main is not None:
-        want = (t.quantized_dtype, t.stored_shape) if t.quantized else (t.dtype, t.shape)
-        if t.name not in main:
-            problems.append(f"{main.path}: tensor {t.name!r} is missing")
-        elif (main[t.name].dtype, main[t.name].shape) != want:
-            info = main[t.name]
-            problems.append(f"{main.path}: tensor {t.name!r} is {info.dtype} {list(info.shape)}, "
-                            f"the manifest says {want[0]} {list(want[1])}")
-        elif t.quantized:
-            # A memory map of the page cache, read in place: no copy of the integers.
-            q = main.view(t.name).reshape(main[t.name].shape)
-    if t.spec is None:
-        return problems
-    spec = t.spec
-    sides: dict[str, np.ndarray] = {}
-    checks = [(sc, t.scale_code, t.param_shape, "scale"),
-              (zp, t.zero_point_code, t.zero_point_shape, "zero point")]
-    if spec.scale_bits is not None:  # the scales are U8 codes (>= 1), times F32 row scales
-        checks.append((rs, "F32", t.row_scale_shape, "row scale"))
-    for side, dt, shp, what in checks:
-        if side is None:
-            continue
-        if t.name not in side:
-            problems.append(f"{side.path}: tensor {t.name!r} ({what}) is missing")
-            continue
-        si = side[t.name]
-        if (si.dtype, si.shape) != (dt, shp):
-            problems.append(f"{side.path}: tensor {t.name!r} is {si.dtype} {list(si.shape)}, "
-                            f"expected {dt} {list(shp)}")
-            continue
-        sides[what] = side.read(si)
-    flagged = len(problems)
-    for what, f in (("scale", sc), ("row scale", rs)):
-        if what not in sides:
-            continue
-        s = scale_to_float32(sides[what], spec.scale_dtype)
-        bad = s.size - int(np.count_nonzero(np.isfinite(s) & (s > 0)))
-        if bad:
-            problems.append(f"{f.path if f else ''}: tensor {t.name!r}: {bad} of {s.size} "
-                            f"{what}s are not finite and > 0")
-    if len(problems) == flagged and "scale" in sides and "row scale" in sides:
-        # Codes and row scales each valid, their float32 product (the scale every reader
-        # uses) may still overflow: a row scale near the float32 limit times a code > 1.
-        s = scales_of_codes(sides["scale"], sides["row scale"])
-        bad = s.size - int(np.count_nonzero(np.isfinite(s)))
-        if bad:
-            problems.append(f"{sc.path if sc else ''}: tensor {t.name!r}: {bad} of {s.size} "
-                            "scales (codes x row scales) are not finite")
-    if "zero point" in sides:
-        z = sides["zero point"]
-        if t.format_version >= 2:
-            if zp is not None and spec.packed and z.ndim == 2 and z.size and not np.array_equal(
-                    packing.pack(zero_point_from_stored(z, t.shape, spec), spec.bits), z):
-                problems.append(f"{zp.path}: tensor {t.name!r}: packed zero points have "
-                                "non-zero padding bits")
-            z = zero_point_from_stored(z, t.shape, spec)
-        # Only asymmetric has a zero point; the other schemes store zeros (docs/FORMAT.md).
-        hi = 2**spec.bits - 1 if spec.scheme == "asymmetric" else 0
-        bad = int(np.count_nonzero((z < 0) | (z > hi)))
-        if bad:
-            problems.append(f"{zp.path if zp else ''}: tensor {t.name!r}: {bad} of {z.size} "
-                            f"zero points outside [0, {hi}] ({spec.scheme}, {spec.bits}-bit)")
-    if q is not None and q.size:
-        if spec.packed:
-            rows, cols = rows_cols(t.shape)
-            rows_q = q.reshape(rows, -1)
-            values = packing.unpack(rows_q, spec.bits, cols, spec.signed)
-            # The padding bits after each row's last value are zero (docs/FORMAT.md, Packing).
-            if not np.array_equal(packing.pack(values, spec.bits), rows_q):
-                assert main is not None
-                problems.append(f"{main.path}: tensor {t.name!r}: packed rows have non-zero "
-                                "padding bits")
-        else:
-            values = q
-        # min and max first (vectorised, no temporaries): counting is only needed when a
-        # value is out of range, which a valid artifact never has.
-        inside = int(values.min()) >= spec.qmin and int(values.max()) <= spec.qmax
-        bad = 0 if inside else int(np.count_nonzero((values < spec.qmin) |
-                                                     (values > spec.qmax)))
-        if bad:
-            assert main is not None
-            problems.append(f"{main.path}: tensor {t.name!r}: {bad} of {values.size} values "
-                            f"outside [{spec.qmin}, {spec.qmax}] ({spec.scheme}, "
-                            f"{spec.bits}-bit)")
-    return problems

@@ -21,9 +21,6 @@ from qtool.formats.manifest import (
     ArtifactError,
     Manifest,
     TensorRecord,
-    row_scale_name,
-    sidecar_names,
-    uses_row_scales,
 )
 from qtool.formats.native import Artifact
 from qtool.formats.registry import InTensor
@@ -33,21 +30,15 @@ class NativeShard:
     """The three files of one shard, open for reading."""
 
     def __init__(self, art: Artifact, shard: str) -> None:
-        scale_name, zp_name = sidecar_names(shard)
-        self.main = art.open_file(shard)
+        # The files the artifact's check validated, when it kept them: each header is parsed
+        # once a run (with very many tensors a second parse doubled the per-tensor state).
+        self.main, self.scale, self.zero_point, self.row_scale = art.take_shard(shard)
         try:
-            self.scale = art.open_file(scale_name)
-            self.zero_point = art.open_file(zp_name)
-            self.row_scale = art.open_file(row_scale_name(shard)) \
-                if uses_row_scales(art.manifest.tensors, shard) else None
+            self.metadata = source_metadata(self.main.metadata, art.manifest.format_version,
+                                            str(self.main.path))
         except BaseException:
-            self.main.close()
-            for f in ("scale", "zero_point"):
-                if hasattr(self, f):
-                    getattr(self, f).close()
+            self.close()
             raise
-        self.metadata = source_metadata(self.main.metadata, art.manifest.format_version,
-                                        str(self.main.path))
 
     def read(self, record: TensorRecord) -> InTensor:
         info = self.main[record.name]
@@ -135,9 +126,13 @@ class NativeSource:
 
     @classmethod
     def open(cls, root: Path) -> NativeSource:
-        return cls(Artifact.open(root))
+        art = Artifact.load(root)
+        art.check(defer=True)
+        return cls(art)
 
     def open_shard(self, shard: str) -> NativeShard:
+        """The shard's reader: the first shard's files are those opened and checked with the
+        source; each later shard's are checked now (its tensors against the manifest)."""
         return NativeShard(self.art, shard)
 
     def index(self) -> tuple[dict[str, Any], dict[str, str]] | None:

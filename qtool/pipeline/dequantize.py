@@ -18,7 +18,7 @@ from qtool.core.scales import scale_to_float32
 from qtool.core.schemes import SpecError
 from qtool.core.shapes import compute_dtype, rows_cols
 from qtool.formats._common import DTYPES, FLOAT_CODES, CheckpointError
-from qtool.formats.manifest import TensorRecord
+from qtool.formats.manifest import Manifest, TensorRecord
 from qtool.formats.registry import SOURCES, InTensor, Source
 from qtool.formats.writer import SafetensorsWriter
 from qtool.pipeline import streams
@@ -34,10 +34,29 @@ FLOAT_MAX = {"F64": float(np.finfo(np.float64).max), "F32": float(np.finfo(np.fl
              "F16": float(np.finfo(np.float16).max), "BF16": bf16.MAX}
 
 
+class Restore(Iterator[TensorResult]):
+    """A dequantize run: one result per tensor as it is restored. Its ``manifest`` and its
+    ``out`` (the restored file, or the directory of a sharded restore) are known at once, so
+    that a caller need not open the artifact a second time (a second parse of the manifest
+    and the headers, which with very many tensors is tens of MB)."""
+
+    def __init__(self, manifest: Manifest, out: Path, results: Iterator[TensorResult]) -> None:
+        self.manifest, self.out, self._results = manifest, out, results
+
+    def __next__(self) -> TensorResult:
+        return next(self._results)
+
+    def close(self) -> None:
+        """Stop the run early: the staged output is discarded."""
+        close = getattr(self._results, "close", None)
+        if close is not None:
+            close()
+
+
 def dequantize_artifact(
     art_dir: str | Path, out: str | Path, dtype: str = "original", jobs: int = 0,
     verify: bool = False, force: bool = False,
-) -> Iterator[TensorResult]:
+) -> Restore:
     """Restore a float checkpoint from an artifact. For a sharded artifact ``out`` is a
     directory that receives the shards and the index under their original names. ``verify``
     checks every file's size and digest against the manifest first."""
@@ -56,7 +75,7 @@ def dequantize_artifact(
     elif out.exists() and not force:
         # It could be the user's original checkpoint: never replace a file unasked.
         raise OutputError(f"{out}: file exists (use --force to replace it)")
-    return _dequantize_run(src, out, dtype, jobs, force)
+    return Restore(src.manifest, out, _dequantize_run(src, out, dtype, jobs, force))
 
 
 def restore_target(out: str | Path, file_name: str | None) -> Path:

@@ -472,3 +472,46 @@ def test_a_checkpoint_closes_the_file_no_run_took(tmp_path):
     del ckpt
     gc.collect()
     assert fds() == before
+
+
+def test_dequantize_parses_each_artifact_header_once(tmp_path, monkeypatch):
+    """The source takes the files its manifest check validated (the first shard's), and
+    checks each later shard when it opens it: every header of the artifact is parsed once a
+    run, not once for the checks and again for reading."""
+    index, tensors, _ = _sharded(tmp_path / "ckpt")
+    art = tmp_path / "art"
+    run("quantize", index, art, "-q")
+    parsed: list[Path] = []
+    real = SafetensorsFile._parse
+
+    def counting(self):
+        parsed.append(Path(self.path).name)
+        return real(self)
+
+    monkeypatch.setattr(SafetensorsFile, "_parse", counting)
+    run("dequantize", art, tmp_path / "back", "-q")
+    stems = [f"model-0000{i}-of-00003" for i in (1, 2, 3)]
+    want = {f"{s}{kind}.safetensors" for s in stems for kind in ("", ".scale", ".zero_point")}
+    assert sorted(parsed) == sorted(want)  # each once, none twice
+    back = {}
+    for s in stems:
+        back.update(load_file(tmp_path / "back" / f"{s}.safetensors"))
+    assert back.keys() == tensors.keys()
+    assert back["position_ids"].tolist() == tensors["position_ids"].tolist()
+
+
+def test_dequantize_checks_a_later_shard_when_it_opens_it(tmp_path):
+    """A later shard is checked against the manifest when the run reaches it: its bad
+    header is still one line naming the file and tensor, exit 2, and nothing is restored."""
+    index, _, _ = _sharded(tmp_path / "ckpt")
+    art = tmp_path / "art"
+    run("quantize", index, art, "-q")
+    third = art / "model-00003-of-00003.safetensors"
+    blob = third.read_bytes()
+    assert blob.count(b'"head.weight"') == 1
+    third.write_bytes(blob.replace(b'"head.weight"', b'"head.weighs"'))  # same size
+    out = tmp_path / "back"
+    r = run("dequantize", art, out, expect=2)
+    assert r.stderr.strip().splitlines() == [
+        f"qtool: error: {third}: tensor 'head.weight' is missing"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["art", "ckpt"]
