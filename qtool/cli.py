@@ -395,11 +395,11 @@ def report(ctx: click.Context, path: Path, schemes: tuple[str, ...], granularity
             for part in render_report_parts(rep, sort, top, console.width, show_all=show_all):
                 console.print(part)  # part by part: a large table comes in chunks
     elif fmt == "html":
-        from qtool.report.html import to_html
+        from qtool.report.html import iter_html
         from qtool.report.weights import histograms
 
         hists, note = histograms(rep)
-        click.echo(to_html(rep, hists, note, sort, top), nl=False)
+        _echo_pieces(iter_html(rep, hists, note, sort, top))  # a row at a time
     else:
         from qtool.report.text import iter_csv, iter_json, iter_markdown
         render = {"json": iter_json, "csv": iter_csv, "markdown": iter_markdown}[fmt]

@@ -11,13 +11,14 @@ assumptions, and the per-tensor table. Its size grows with the number of tensors
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from html import escape
 
 from qtool import __version__
 from qtool.report.energy import assumptions
 from qtool.report.fmt import _common_prefix, _fmt_err, _fmt_shape, _fmt_sqnr, human_bytes
 from qtool.report.lines import _after_labels, _subtitle, _totals_lines
-from qtool.report.model import SQNR_RED_DB, SQNR_YELLOW_DB, Report, bits_per_weight
+from qtool.report.model import SQNR_RED_DB, SQNR_YELLOW_DB, Report, Row, bits_per_weight
 from qtool.report.series import Point, chart_points, layer_grid
 from qtool.report.weights import Histogram
 
@@ -49,45 +50,46 @@ def _num(what: str, v: float) -> str:
     return f"{v:.2f}" if what == "bits" else _fmt_sqnr(v)
 
 
-def _bars_svg(points: list[Point], what: str, title: str) -> str:
+def _bars_svg(points: list[Point], what: str, title: str) -> Iterator[str]:
     prefix = _common_prefix(p.name for p in points)
     label_w = min(420, 7 * max(len(p.name) - len(prefix) for p in points) + 10)
     finite = [p.value for p in points if not math.isinf(p.value)]
     top = max([*finite, 8.0] if what == "bits" else finite or [1.0])
+    del finite
     h = ROW_H * len(points) + 24
     w = label_w + BAR_W + 70
-    out = [f'<svg class="bars" role="img" aria-label="{escape(title)}" width="{w}" '
-           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">']
+    if prefix:
+        yield f'<p class="note">names start with <code>{escape(prefix)}</code></p>'
+    yield (f'<svg class="bars" role="img" aria-label="{escape(title)}" width="{w}" '
+           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">')
     for i, p in enumerate(points):
         y = i * ROW_H + 4
         frac = 1.0 if math.isinf(p.value) else max(0.0, p.value / top) if top > 0 else 0.0
         name = escape(p.name[len(prefix):])
-        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{name}</text>'
-                   f'<rect x="{label_w}" y="{y + 1}" width="{frac * BAR_W:.1f}" '
-                   f'height="{ROW_H - 4}" fill="{_colour(what, p.value)}"><title>{escape(p.name)}'
-                   f': {_num(what, p.value)}</title></rect>'
-                   f'<text x="{label_w + frac * BAR_W + 4:.1f}" y="{y + 11}">'
-                   f'{_num(what, p.value)}</text>')
+        yield (f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{name}</text>'
+               f'<rect x="{label_w}" y="{y + 1}" width="{frac * BAR_W:.1f}" '
+               f'height="{ROW_H - 4}" fill="{_colour(what, p.value)}"><title>{escape(p.name)}'
+               f': {_num(what, p.value)}</title></rect>'
+               f'<text x="{label_w + frac * BAR_W + 4:.1f}" y="{y + 11}">'
+               f'{_num(what, p.value)}</text>')
     axis_y = ROW_H * len(points) + 8
-    out.append(f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + BAR_W}" y2="{axis_y}" '
-               f'stroke="#999"/><text x="{label_w}" y="{axis_y + 12}">0</text>'
-               f'<text x="{label_w + BAR_W}" y="{axis_y + 12}" text-anchor="end">{top:.4g} '
-               f'{"bits" if what == "bits" else "dB"}</text></svg>')
-    note = f'<p class="note">names start with <code>{escape(prefix)}</code></p>' if prefix \
-        else ""
-    return note + "".join(out)
+    yield (f'<line x1="{label_w}" y1="{axis_y}" x2="{label_w + BAR_W}" y2="{axis_y}" '
+           f'stroke="#999"/><text x="{label_w}" y="{axis_y + 12}">0</text>'
+           f'<text x="{label_w + BAR_W}" y="{axis_y + 12}" text-anchor="end">{top:.4g} '
+           f'{"bits" if what == "bits" else "dB"}</text></svg>')
 
 
-def _heatmap_svg(points: list[Point], what: str, title: str) -> str:
+def _heatmap_svg(points: list[Point], what: str, title: str) -> Iterator[str]:
     grid = layer_grid(points)
     if grid is None:
-        return ""
+        return
     layers, modules, cells, _ = grid
     cw, ch, left, topm = 64, 18, 56, 100
     w, h = left + cw * len(modules) + 90, topm + ch * len(layers) + 8
     # Darker is worse (lower SQNR) or costlier (more bits per weight), within this model.
     finite = [v for v in cells.values() if not math.isinf(v)]
     lo, hi = min(finite, default=0.0), max(finite, default=0.0)
+    del finite
 
     def opacity(v: float) -> float:
         if math.isinf(v) or hi <= lo:
@@ -95,28 +97,27 @@ def _heatmap_svg(points: list[Point], what: str, title: str) -> str:
         rel = (hi - v) / (hi - lo) if what == "sqnr" else (v - lo) / (hi - lo)
         return 0.35 + 0.65 * rel
 
-    out = [f'<svg class="heat" role="img" aria-label="{escape(title)}" width="{w}" '
-           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">']
+    yield (f'<svg class="heat" role="img" aria-label="{escape(title)}" width="{w}" '
+           f'height="{h}" viewBox="0 0 {w} {h}" xmlns="http://www.w3.org/2000/svg">')
     for j, m in enumerate(modules):
         x = left + j * cw + cw / 2
-        out.append(f'<text transform="translate({x:.0f},{topm - 6}) rotate(-35)">'
-                   f'{escape(m)}</text>')
+        yield (f'<text transform="translate({x:.0f},{topm - 6}) rotate(-35)">'
+               f'{escape(m)}</text>')
     for i, layer in enumerate(layers):
         y = topm + i * ch
-        out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{layer}</text>')
+        yield f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{layer}</text>'
         for j, m in enumerate(modules):
             v = cells.get((layer, m))
             if v is None:
                 continue
             x = left + j * cw
-            out.append(f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" '
-                       f'fill="{_colour(what, v)}" fill-opacity="{opacity(v):.2f}">'
-                       f'<title>layer {layer} '
-                       f'{escape(m)}: {_num(what, v)}</title></rect>'
-                       f'<text x="{x + cw - 6}" y="{y + 12}" text-anchor="end" '
-                       f'style="fill:#fff">{_num(what, v)}</text>')
-    out.append("</svg>")
-    return "".join(out)
+            yield (f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" '
+                   f'fill="{_colour(what, v)}" fill-opacity="{opacity(v):.2f}">'
+                   f'<title>layer {layer} '
+                   f'{escape(m)}: {_num(what, v)}</title></rect>'
+                   f'<text x="{x + cw - 6}" y="{y + 12}" text-anchor="end" '
+                   f'style="fill:#fff">{_num(what, v)}</text>')
+    yield "</svg>"
 
 
 def _hist_svg(hg: Histogram) -> str:
@@ -169,77 +170,108 @@ def _totals_html(report: Report) -> str:
     return "".join(rows)
 
 
-def _tensor_table(report: Report, sort: str | None, top: int | None) -> str:
+def _tensor_table(report: Report, sort: str | None, top: int | None) -> Iterator[str]:
+    """The table a row at a time: 200,000 rows are ~40 MB of HTML, never held whole."""
     rows = report.sorted_rows(sort, top)
     heads = ["tensor", "shape", "size"]
     for lb in report.labels:
         p = "" if report.kind == "artifact" else f"{lb} "
         heads += [f"{p}setting", f"{p}stored", f"{p}bits/w", f"{p}SQNR dB", f"{p}max err"]
-    out = ['<table class="tensors"><tr>' + "".join(
-        f'<th{" class=n" if i == 0 else ""}>{escape(x)}</th>' for i, x in enumerate(heads))
-        + "</tr>"]
+    yield '<table class="tensors"><tr>' + "".join(
+        f'<th{" class=n" if i == 0 else ""}>{escape(x)}</th>' for i, x in enumerate(heads)) \
+        + "</tr>"
     for r in rows:
-        cells = [f'<td class="n">{escape(r.name)}</td><td>{_fmt_shape(r.shape)}</td>'
-                 f"<td>{human_bytes(r.original_bytes)}</td>"]
-        for rec in r.results:
-            if rec.spec is None or rec.stats is None:
-                why = escape(rec.passthrough or "kept")
-                cells.append(f'<td class="n">kept: {why}</td><td>{human_bytes(rec.stored_bytes)}'
-                             "</td><td></td><td></td><td></td>")
-                continue
-            s = rec.stats.sqnr_db
-            cls = ' class="bad"' if s < SQNR_RED_DB else ' class="warn"' \
-                if s < SQNR_YELLOW_DB else ""
-            bpw = bits_per_weight(rec)
-            cells.append(f"<td>{escape(rec.spec.scheme)} {rec.spec.bits}b</td>"
-                         f"<td>{human_bytes(rec.stored_bytes)}</td>"
-                         f"<td>{'' if bpw is None else f'{bpw:.2f}'}</td>"
-                         f"<td{cls}>{_fmt_sqnr(s)}</td><td>{_fmt_err(rec.stats.max_abs_error)}"
-                         "</td>")
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    out.append("</table>")
+        yield _tensor_row(r)
+    yield "</table>"
     if len(rows) < len(report.rows):
-        out.append(f'<p class="note">showing {len(rows)} of {len(report.rows)} tensors</p>')
-    return "".join(out)
+        yield f'<p class="note">showing {len(rows)} of {len(report.rows)} tensors</p>'
+
+
+def _tensor_row(r: Row) -> str:
+    cells = [f'<tr><td class="n">{escape(r.name)}</td><td>{_fmt_shape(r.shape)}</td>'
+             f"<td>{human_bytes(r.original_bytes)}</td>"]
+    for rec in r.results:
+        if rec.spec is None or rec.stats is None:
+            why = escape(rec.passthrough or "kept")
+            cells.append(f'<td class="n">kept: {why}</td><td>{human_bytes(rec.stored_bytes)}'
+                         "</td><td></td><td></td><td></td>")
+            continue
+        s = rec.stats.sqnr_db
+        cls = ' class="bad"' if s < SQNR_RED_DB else ' class="warn"' \
+            if s < SQNR_YELLOW_DB else ""
+        bpw = bits_per_weight(rec)
+        cells.append(f"<td>{escape(rec.spec.scheme)} {rec.spec.bits}b</td>"
+                     f"<td>{human_bytes(rec.stored_bytes)}</td>"
+                     f"<td>{'' if bpw is None else f'{bpw:.2f}'}</td>"
+                     f"<td{cls}>{_fmt_sqnr(s)}</td><td>{_fmt_err(rec.stats.max_abs_error)}"
+                     "</td>")
+    cells.append("</tr>")
+    return "".join(cells)
 
 
 def to_html(report: Report, hists: list[Histogram], hist_note: str | None = None,
             sort: str | None = None, top: int | None = None) -> str:
-    """The page (see the module docstring)."""
+    """The page (see the module docstring) as one string."""
+    return "".join(iter_html(report, hists, hist_note, sort, top))
+
+
+def iter_html(report: Report, hists: list[Histogram], hist_note: str | None = None,
+              sort: str | None = None, top: int | None = None) -> Iterator[str]:
+    """:func:`to_html` in pieces, a tensor (a table row, a bar, a heatmap cell) at a time:
+    the page of 200,000 tensors is never held whole, nor a list of its rows."""
+    first = True
+    for part in _parts(report, hists, hist_note, sort, top):
+        if not first:
+            yield "\n"  # the page's parts are separated by a newline
+        first = False
+        if isinstance(part, str):
+            yield part
+        else:
+            yield from part
+
+
+def _parts(report: Report, hists: list[Histogram], hist_note: str | None,
+           sort: str | None, top: int | None) -> Iterator[str | Iterator[str]]:
+    """The page's parts, in order: a string, or the pieces of a long part."""
     title = f"qtool report {report.path}"
-    parts = ['<!doctype html><html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width,initial-scale=1">',
-             f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{escape(title)}</h1><p class=\"sub\">{escape(_subtitle(report))}</p>",
-             f'<p class="sub">qtool {escape(__version__)}</p>']
+    yield '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+    yield '<meta name="viewport" content="width=device-width,initial-scale=1">'
+    yield f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
+    yield f"<h1>{escape(title)}</h1><p class=\"sub\">{escape(_subtitle(report))}</p>"
+    yield f'<p class="sub">qtool {escape(__version__)}</p>'
     for g, label in enumerate(report.labels):
         suffix = "" if report.kind == "artifact" else f": {label}"
         for what, name in (("sqnr", "SQNR per tensor (dB)"), ("bits", "Bits per weight")):
             points = chart_points(report, what, g)
-            parts.append(f"<h2>{escape(name + suffix)}</h2>")
+            yield f"<h2>{escape(name + suffix)}</h2>"
             if not points:
-                parts.append('<p class="note">no tensor is quantized</p>')
+                yield '<p class="note">no tensor is quantized</p>'
                 continue
-            parts.append(_heatmap_svg(points, what, name))
-            parts.append(_bars_svg(points, what, name))
+            yield _heatmap_svg(points, what, name)
+            yield _bars_svg(points, what, name)
+            del points  # one chart's points at a time
         t = report.totals[g]
         if t.worst is not None:
-            parts.append(f"<p>worst tensor{escape(suffix)}: <b>{escape(t.worst.name)}</b>, "
-                         f"SQNR {_fmt_sqnr(t.worst.sqnr_db)} dB</p>")
-    parts.append("<h2>Worst tensors: weights and the quantization grid</h2>")
+            yield (f"<p>worst tensor{escape(suffix)}: <b>{escape(t.worst.name)}</b>, "
+                   f"SQNR {_fmt_sqnr(t.worst.sqnr_db)} dB</p>")
+    yield "<h2>Worst tensors: weights and the quantization grid</h2>"
     if len(report.labels) > 1:
-        parts.append(f'<p class="note">the three lowest SQNRs under '
-                     f'{escape(report.labels[0])}, with its grid</p>')
+        yield (f'<p class="note">the three lowest SQNRs under '
+               f'{escape(report.labels[0])}, with its grid</p>')
     if hists:
-        parts += [_hist_block(h) for h in hists]
+        yield from (_hist_block(h) for h in hists)
     else:
-        parts.append(f'<p class="note">{escape(hist_note or "no tensor is quantized")}</p>')
-    parts.append("<h2>Totals and estimates</h2>" + _totals_html(report))
-    parts.append('<p class="note">estimates (docs/ENERGY.md):</p><ul class="a">' + "".join(
-        f"<li>{escape(a)}</li>" for a in assumptions(report.energy_model, report.workload))
-        + "</ul>")
+        yield f'<p class="note">{escape(hist_note or "no tensor is quantized")}</p>'
+    yield "<h2>Totals and estimates</h2>" + _totals_html(report)
+    yield '<p class="note">estimates (docs/ENERGY.md):</p><ul class="a">' + "".join(
+        f"<li>{escape(a)}</li>" for a in assumptions(report.energy_model, report.workload)) \
+        + "</ul>"
     for o in report.offenders:
-        parts.append(f'<p class="bad">FAIL {escape(o.message())}</p>')
-    parts.append("<h2>Tensors</h2>" + _tensor_table(report, sort, top))
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+        yield f'<p class="bad">FAIL {escape(o.message())}</p>'
+    yield _chain("<h2>Tensors</h2>", _tensor_table(report, sort, top))
+    yield "</body></html>\n"
+
+
+def _chain(head: str, rest: Iterator[str]) -> Iterator[str]:
+    yield head
+    yield from rest

@@ -115,6 +115,40 @@ def test_size_grows_with_tensors_not_bytes(tmp_path):
     assert many < 60_000 + 1500 * 200
 
 
+def test_page_is_streamed_a_tensor_at_a_time(tmp_path):
+    """With many tensors the page comes in small pieces (a table row, a bar, a heatmap cell
+    each), never as a list of every row or one string (200,000 tensors are ~40 MB of HTML),
+    and the CLI writes exactly those pieces."""
+    from qtool.formats.native import Artifact
+    from qtool.report.html import iter_html
+    from qtool.report.model import ReportOptions, artifact_report, disk_bytes
+    from qtool.report.weights import histograms
+
+    n = 600
+    t = {f"model.layers.{i // 3}.mlp.{('up', 'down', 'gate')[i % 3]}_proj.weight":
+         RNG.normal(0, 1, (4, 8)).astype(np.float32) for i in range(n)}
+    t["model.norm.weight"] = np.ones(8, np.float32)  # kept in float: a row of its own
+    src = write_checkpoint(tmp_path / "m.safetensors", t)
+    art = tmp_path / "q"
+    run("quantize", src, art, "-q", "-b", "4")
+    page = run("report", art, "--format", "html", "--fail-under-sqnr", "99", expect=1).stdout
+    m = Artifact.open(art).manifest
+    rep = artifact_report(art, list(m.tensors), disk=disk_bytes(m.source, m.files),
+                          options=ReportOptions(fail_under_sqnr=99.0))
+    pieces = list(iter_html(rep, *histograms(rep)))
+    assert "".join(pieces) == page  # what the CLI wrote, in its batches of pieces
+    assert page.count('<p class="bad">FAIL ') == n and page.count('class="hist"') == 3
+    table = page[page.index('<table class="tensors">'):]
+    rows = re.findall(r'<tr><td class="n">([^<]+)</td>', table)
+    assert rows == [r.name for r in m.tensors] and sorted(rows) == sorted(t)  # every tensor
+    # No piece longer than a histogram (80 bars and the grid), the totals table or the head
+    # with its style sheet, whatever the number of tensors: the page is ~100 times as long.
+    assert max(len(p) for p in pieces) < 10_000 and len(page) > 700_000
+    # The table's rows, the two charts' bars and the two heatmaps' cells come one by one.
+    assert len(pieces) >= (n + 1) + 2 * n + 2 * n
+    assert sum(1 for p in pieces if p.startswith('<tr><td class="n">model.layers.')) == n
+
+
 # --------------------------------------------------------------------------- in a browser
 
 
