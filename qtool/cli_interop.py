@@ -5,6 +5,7 @@ Kept beside cli.py (same layer, same rules: the one place that prints and exits)
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from qtool.console import FilePath, _err_console, _progress
+from qtool.options import output_format_options
 
 if TYPE_CHECKING:
     from qtool.report.model import ReportOptions
@@ -28,9 +30,10 @@ EXIT_OK = 0
               help="The Hugging Face model folder (config.json, tokenizer, ...); default: the "
                    "one recorded when the artifact was quantized.")
 @click.option("--force", is_flag=True, help="Replace an earlier export in OUT_DIR.")
+@output_format_options
 @click.option("--quiet", "-q", is_flag=True, help="Nothing on stderr except errors.")
 def export(art_dir: Path, out_dir: Path, to: str, model_dir: Path | None, force: bool,
-           quiet: bool) -> int:
+           fmt: str, as_json: bool, quiet: bool) -> int:
     """Write the artifact ART_DIR as a model folder OUT_DIR that transformers and vLLM load:
     config.json with a quantization_config, the weights, every other file of the model."""
     from qtool.pipeline.export import export_artifact
@@ -40,6 +43,11 @@ def export(art_dir: Path, out_dir: Path, to: str, model_dir: Path | None, force:
     console = _err_console(quiet)
     for w in res.warnings:
         console.print(f"qtool: warning: {w}", markup=False, soft_wrap=True)
+    if as_json or fmt == "json":  # one spelling for machine output across commands
+        click.echo(json.dumps({"output": str(out_dir), "to": to, "modules": res.modules,
+                               "shards": res.shards, "copied": res.copied,
+                               "warnings": res.warnings,
+                               "seconds": round(time.perf_counter() - t0, 3)}, indent=2))
     console.print(f"exported {res.modules} quantized modules ({res.shards} shard"
                   f"{'s' if res.shards != 1 else ''}, {len(res.copied)} other files) into "
                   f"{out_dir} in {time.perf_counter() - t0:.2f} s", markup=False, soft_wrap=True)

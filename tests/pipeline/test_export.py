@@ -356,3 +356,29 @@ def test_bad_compressed_tensors_folders(tmp_path, change, message):
         assert message in r.stderr
     assert not (tmp_path / "r.safetensors").exists()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_export_format_json_is_the_same_as_json(tmp_path):
+    """One spelling for machine output across commands (issue 15): export too."""
+    src = model_folder(tmp_path / "m")
+    run("quantize", src, tmp_path / "art", "-q", "--bits", "4", "--granularity", "group",
+        "--group-size", "16")
+    docs = []
+    for i, flag in enumerate((["--format", "json"], ["--json"])):
+        out = tmp_path / f"out{i}"
+        r = run("export", tmp_path / "art", out, "--to", "compressed-tensors", *flag, "-q")
+        doc = json.loads(r.stdout)
+        assert doc.pop("seconds") >= 0 and doc.pop("output") == str(out) and r.stderr == ""
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        targets = [t for g in cfg["config_groups"].values() for t in g["targets"]]
+        assert doc["modules"] == len(targets) == len(
+            [n for n in load_file(out / "model.safetensors") if n.endswith(".weight_scale")])
+        assert sorted(doc["copied"]) == sorted(p.name for p in out.iterdir()
+                                               if p.suffix != ".safetensors"
+                                               and p.name != "config.json")
+        docs.append(doc)
+    assert docs[0] == docs[1]
+    assert docs[0]["to"] == "compressed-tensors" and docs[0]["shards"] == 1
+    # without the flag stdout stays empty (the summary is on stderr)
+    r = run("export", tmp_path / "art", tmp_path / "out2", "--to", "compressed-tensors")
+    assert r.stdout == "" and "exported" in r.stderr
