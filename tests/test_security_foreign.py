@@ -244,3 +244,41 @@ def test_ct_dequantize_speaks_json_and_restores_into_a_directory_like_an_artifac
     r = run("dequantize", folder, tmp_path / "f.safetensors", "--json", "-q")
     assert json.loads(r.stdout)["output"] == str(tmp_path / "f.safetensors")
     assert_one_line_error(run("dequantize", folder, target, expect=2), f"{out}: file exists")
+
+
+def _set(name: str, value: np.ndarray | None):
+    def change(t: dict[str, np.ndarray]) -> None:
+        if value is None:
+            del t[name]
+        else:
+            t[name] = value
+    return change
+
+
+@pytest.mark.parametrize("fmt, change, fragment", [
+    ("pack-quantized", _set("a.weight_shape", np.array([2**40, 2**40], np.int64)),
+     "tensor 'a.weight_packed': [1099511627776, 1099511627776] values of 4 bits "
+     "(weight_shape) pack to int32 of shape [1099511627776, 137438953472], got [4, 4]"),
+    ("pack-quantized", _set("a.weight_shape", np.array([ROWS, 2 * COLS], np.int64)),
+     f"tensor 'a.weight_packed': [{ROWS}, {2 * COLS}] values of 4 bits (weight_shape) pack "
+     f"to int32 of shape [{ROWS}, 8], got [{ROWS}, 4]"),
+    ("pack-quantized", _set("a.weight_shape", np.array([ROWS, COLS], np.float64)),
+     "tensor 'a.weight_shape' is F64, not integers"),
+    ("pack-quantized", _set("a.weight_shape", np.array([ROWS, COLS, 1], np.int64)),
+     "module a: weight shape [4, 32, 1] is not 2-D"),
+    ("pack-quantized", _set("a.weight_packed", None),
+     "module a has no weight_packed/weight_shape (format pack-quantized)"),
+    ("int-quantized", _set("b.weight", None), "module b has no weight (format int-quantized)"),
+], ids=["terabytes", "twice_the_columns", "float_shape", "three_dims", "no_packed",
+        "no_weight"])
+def test_weight_shape_must_be_what_the_folder_holds(tmp_path, fmt, change, fragment):
+    """The output is sized from the declared shape before any value is unpacked: a
+    weight_shape of [2**40, 2**40] over 16 packed words crashed the writer's reservation with
+    a traceback (OverflowError); a smaller lie would have reserved that much disk."""
+    folder = ct_folder(tmp_path / "ct", fmt=fmt)
+    t = load_file(folder / "model.safetensors")
+    change(t)
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _refused(tmp_path, folder, ("dequantize", folder, tmp_path / "r.safetensors"), fragment)
+    orig = original(tmp_path / "orig" / "model.safetensors")
+    _refused(tmp_path, folder, ("report", folder, "--against", orig), fragment)

@@ -103,9 +103,10 @@ class CTFolder:
             raise
 
     def _check_scales(self) -> None:
-        """Every module's scales finite and > 0, checked before anything is written or
-        measured (one module's scales at a time: they are small beside its weight)."""
+        """Every module's weight shape and scales (finite and > 0), checked before anything is
+        written or measured (one module's scales at a time: small beside its weight)."""
         for m in self.modules.values():
+            self.weight_shape(m)  # checked here too: the output is sized from it
             info = m.tensors["weight_scale"]
             problem = L.scale_problem(self.read(info))
             if problem is not None:
@@ -151,18 +152,33 @@ class CTFolder:
         return arr.view(np.uint16) if info.dtype == "BF16" else arr
 
     def weight_shape(self, m: Module) -> tuple[int, int]:
-        if "weight" in m.tensors and m.group.format != L.PACK_QUANTIZED:
-            shape = m.tensors["weight"].shape
-        elif "weight_shape" in m.tensors:
-            shape = tuple(int(v) for v in self.read(m.tensors["weight_shape"]).reshape(-1))
-        else:
-            missing = "weight_packed/weight_shape" if m.group.format == L.PACK_QUANTIZED \
-                else "weight"
-            raise CheckpointError(f"{self.root}: module {m.name} has no {missing} "
+        """The module's [rows, cols]: its int8 weight's shape, or (pack-quantized) its
+        weight_shape, which must be what the packed words hold: the output is sized from it
+        before a value is unpacked (a hostile [2**40, 2**40] would reserve terabytes)."""
+        pack = m.group.format == L.PACK_QUANTIZED
+        need = ("weight_packed", "weight_shape") if pack else ("weight",)
+        if any(n not in m.tensors for n in need):
+            raise CheckpointError(f"{self.root}: module {m.name} has no {'/'.join(need)} "
                                   f"(format {m.group.format})")
+        if not pack:
+            shape = m.tensors["weight"].shape
+        else:
+            info = m.tensors["weight_shape"]
+            if info.dtype[0] not in "IU":
+                raise CheckpointError(f"{info.path}: tensor {info.name!r} is {info.dtype}, "
+                                      "not integers")
+            shape = tuple(int(v) for v in self.read(info).reshape(-1))
         if len(shape) != 2 or min(shape) < 0:
             raise CheckpointError(f"{self.root}: module {m.name}: weight shape {list(shape)} "
                                   "is not 2-D")
+        if pack:
+            packed, bits = m.tensors["weight_packed"], m.group.weights.num_bits
+            want = (shape[0], -(-shape[1] * bits // 32))
+            if tuple(packed.shape) != want:
+                raise CheckpointError(
+                    f"{packed.path}: tensor {packed.name!r}: {list(shape)} values of {bits} bits "
+                    f"(weight_shape) pack to int32 of shape {list(want)}, got "
+                    f"{list(packed.shape)}")
         return shape[0], shape[1]
 
     def decompress(self, m: Module) -> np.ndarray:
