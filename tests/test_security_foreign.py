@@ -282,3 +282,35 @@ def test_weight_shape_must_be_what_the_folder_holds(tmp_path, fmt, change, fragm
     _refused(tmp_path, folder, ("dequantize", folder, tmp_path / "r.safetensors"), fragment)
     orig = original(tmp_path / "orig" / "model.safetensors")
     _refused(tmp_path, folder, ("report", folder, "--against", orig), fragment)
+
+
+def test_restored_values_are_never_a_silent_inf(tmp_path):
+    """As for artifacts: a --dtype narrower than the values is refused with the advice that
+    helps, and values the library's own arithmetic overflows (float16 scales near 65504 times
+    q = 7) are refused with none: `dequantize` wrote inf into the output before."""
+    folder = ct_folder(tmp_path / "ct", fmt="int-quantized")
+    t = load_file(folder / "model.safetensors")
+    t["a.weight_scale"] = (t["a.weight_scale"] * np.float32(1e9)).astype(np.float32)
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _refused(tmp_path, folder, ("dequantize", folder, tmp_path / "r.safetensors", "--dtype",
+                                "float16"),
+             f"{folder / 'model.safetensors'}: tensor 'a.weight' has values beyond the range "
+             "of float16; restore it with --dtype float32")
+    run("dequantize", folder, tmp_path / "r.safetensors", "--dtype", "float32", "-q")
+    got = load_file(tmp_path / "r.safetensors")["a.weight"]
+    q = t["a.weight"].astype(np.float64).reshape(ROWS, COLS // GROUP, GROUP)
+    want = (q * t["a.weight_scale"].astype(np.float64)[:, :, None]).reshape(ROWS, COLS)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert np.abs(got).max() > 65504  # the case is real: float16 cannot hold it
+
+    folder = ct_folder(tmp_path / "ct16", fmt="int-quantized", code="F16")
+    t = load_file(folder / "model.safetensors")
+    t["b.weight"][0, 0] = 7
+    t["b.weight_scale"][0, 0] = np.float16(60000)
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for extra in ([], ["--dtype", "float32"]):
+        (tmp_path / "r.safetensors").unlink(missing_ok=True)
+        _refused(tmp_path, folder, ("dequantize", folder, tmp_path / "r.safetensors", *extra),
+                 f"{folder / 'model.safetensors'}: tensor 'b.weight' dequantizes to NaN or "
+                 "infinite values (its float16 scales times its integers overflow); no "
+                 "--dtype can hold them")

@@ -25,6 +25,7 @@ from qtool.formats.shards import open_checkpoint
 from qtool.formats.writer import SafetensorsWriter
 from qtool.pipeline.dequantize import restore_target
 from qtool.pipeline.staging import OutputError, _check_output_dir, _Staging
+from qtool.pipeline.streams import _check_cast
 
 OUT_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _SCALE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -262,6 +263,19 @@ def dequantize_ct(folder: str | Path, out: str | Path, dtype: str = "original",
     return CTRestore(ct, out, dtype, force and ct.index_path is None)
 
 
+def _restored(ct: CTFolder, m: Module, name: str, code: str, path: Path) -> np.ndarray:
+    """The module's weight in ``code``; never a silent inf (as for artifacts): values the
+    library's own arithmetic overflows, or that a narrower --dtype cannot hold, are refused."""
+    w_hat = ct.decompress(m)
+    if not np.isfinite(w_hat).all():
+        raise CheckpointError(f"{path}: tensor {name!r} dequantizes to NaN or infinite values "
+                              f"(its {_SCALE_NAMES.get(m.scale_code(), m.scale_code())} "
+                              "scales times its integers overflow); no --dtype can hold them")
+    arr = as_code(w_hat, code)
+    _check_cast(arr, path, name, code)
+    return arr
+
+
 def _dequantize_run(ct: CTFolder, out: Path, dtype: str, replace: bool,
                     counts: CTRestore) -> Iterator[str]:
     stage = _Staging(out, replace=replace)
@@ -283,7 +297,7 @@ def _dequantize_run(ct: CTFolder, out: Path, dtype: str, replace: bool,
             with SafetensorsWriter(stage.tmp / shard, entries, meta, digest=False) as w:
                 for (name, what), (_, code, _) in zip(plan, entries, strict=True):
                     if isinstance(what, Module):
-                        arr = as_code(ct.decompress(what), code)
+                        arr = _restored(ct, what, name, code, ct.files[shard].path)
                     else:
                         arr = ct.files[shard].read(what)
                         if code != what.dtype:
