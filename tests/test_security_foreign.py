@@ -314,3 +314,43 @@ def test_restored_values_are_never_a_silent_inf(tmp_path):
                  f"{folder / 'model.safetensors'}: tensor 'b.weight' dequantizes to NaN or "
                  "infinite values (its float16 scales times its integers overflow); no "
                  "--dtype can hold them")
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("targets", ["re:(a|b"], "quantization_config.config_groups.group_0.targets: 're:(a|b' is "
+     "not a valid regex (missing ), unterminated subpattern at position 0)"),
+    ("ignore", ["re:[z"], "quantization_config.ignore: 're:[z' is not a valid regex "
+     "(unterminated character set at position 0)"),
+], ids=["targets", "ignore"])
+def test_a_bad_regex_in_the_config_is_one_line(tmp_path, key, value, fragment):
+    """A `re:` target that is not a regex raised re.error with a traceback while matching."""
+    folder = ct_folder(tmp_path / "ct")
+    cfg = json.loads((folder / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    (qc["config_groups"]["group_0"] if key == "targets" else qc)[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    line = _refused(tmp_path, folder, ("dequantize", folder, tmp_path / "r.safetensors"),
+                    fragment)
+    assert line == f"qtool: error: {folder / 'config.json'}: {fragment}"
+    orig = original(tmp_path / "orig" / "model.safetensors")
+    _refused(tmp_path, folder, ("report", folder, "--against", orig), fragment)
+
+
+def test_a_config_nested_too_deeply_is_one_line(tmp_path):
+    """config.json nested 100,000 deep: a RecursionError traceback before, for a
+    compressed-tensors folder given to dequantize and for export's --model-dir."""
+    deep = '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    folder = ct_folder(tmp_path / "ct")
+    (folder / "config.json").write_text(deep)
+    # no longer recognisable as a compressed-tensors folder: read as a (missing) artifact
+    _refused(tmp_path, folder, ("dequantize", folder, tmp_path / "r.safetensors"),
+             f"{folder}: not a qtool artifact (no qtool.json)")
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"w.weight": RNG.normal(0, 0.05, (8, 32)).astype(np.float32)},
+              str(model / "model.safetensors"))
+    run("quantize", model / "model.safetensors", tmp_path / "art", "-q")
+    (model / "config.json").write_text(deep)
+    _refused(tmp_path, model, ("export", tmp_path / "art", tmp_path / "out", "--to",
+                               "compressed-tensors", "--model-dir", model),
+             f"{model / 'config.json'}: not valid JSON (nested too deeply)")

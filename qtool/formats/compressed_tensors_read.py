@@ -82,7 +82,18 @@ def parse_quantization_config(config: Mapping[str, object]) -> CTConfig:
     ignore = qc.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
         raise ValueError("quantization_config.ignore must be a list of names")
+    _check_patterns(ignore, "quantization_config.ignore")
     return CTConfig(tuple(groups), tuple(ignore))
+
+
+def _check_patterns(names: list[str], where: str) -> None:
+    """Every ``re:`` name a valid regex, refused here rather than raised while matching."""
+    for t in names:
+        if t.startswith("re:"):
+            try:
+                re.compile(t[3:])
+            except (re.error, RecursionError) as e:
+                raise ValueError(f"{where}: {t!r} is not a valid regex ({e})") from None
 
 
 def _parse_group(name: str, g: object, top: object) -> ConfigGroup:
@@ -93,6 +104,7 @@ def _parse_group(name: str, g: object, top: object) -> ConfigGroup:
     if not isinstance(targets, list) or not targets or \
             not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{where}.targets must be a non-empty list of names")
+    _check_patterns(targets, f"{where}.targets")
     w = g.get("weights")
     if not isinstance(w, Mapping):
         raise ValueError(f"{where}.weights is missing: only weight quantization is read")

@@ -81,6 +81,8 @@ def read_config(root: Path) -> dict[str, Any]:
         doc = json.loads(text, parse_constant=reject_constant)
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return doc

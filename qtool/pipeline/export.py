@@ -117,7 +117,7 @@ def _ct_folder_problem(out: Path) -> str | None:
     """Why ``out`` is not a compressed-tensors folder that --force may replace."""
     try:
         qc = json.loads(hf_folder.config_text(out / hf_folder.CONFIG)).get("quantization_config")
-    except (CheckpointError, ValueError, AttributeError):
+    except (CheckpointError, ValueError, AttributeError, RecursionError):
         qc = None
     if not isinstance(qc, dict) or qc.get("quant_method") != "compressed-tensors":
         return "not a compressed-tensors model folder"

@@ -38,7 +38,7 @@ def is_ct_folder(path: Path) -> bool:
         return False
     try:
         qc = json.loads(hf_folder.config_text(cfg)).get("quantization_config")
-    except (CheckpointError, ValueError, AttributeError):
+    except (CheckpointError, ValueError, AttributeError, RecursionError):
         return False
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
