@@ -287,6 +287,18 @@ def test_hostile_sizes_in_a_manifest_are_refused(tmp_path, key, value, fragment,
     _nothing_left(tmp_path, tmp_path / "r.safetensors")
 
 
+def test_a_huge_target_bits_is_the_best_plan_not_a_crash(tmp_path):
+    """--target-bits 1e308 overflowed the allocator's budget (OverflowError, a traceback):
+    any target above what the largest candidate stores gives the same plan and artifact."""
+    src = write_checkpoint(tmp_path / "m.safetensors")
+    plans = [run("report", src, "--target-bits", b, "-q").stdout for b in ("1e308", "64", "20")]
+    assert "mixed-precision plan" in plans[0] and plans[0] == plans[1] == plans[2]
+    for b in ("1e308", "20"):
+        run("quantize", src, tmp_path / f"o{b}", "--target-bits", b, "-q")
+    for f in ("m.safetensors", "m.scale.safetensors", "m.zero_point.safetensors"):
+        assert (tmp_path / "o1e308" / f).read_bytes() == (tmp_path / "o20" / f).read_bytes()
+
+
 def test_recipe_group_size_beyond_the_bound_is_refused(tmp_path):
     src = write_checkpoint(tmp_path / "m.safetensors")
     recipe = tmp_path / "r.toml"
