@@ -119,11 +119,13 @@ def allocate(candidates: Sequence[Sequence[Candidate]], n_weights: Sequence[int]
     """
     _check(candidates, n_weights)
     total_w = sum(n_weights)
-    # No candidate stores more than 64 bits per weight (8-bit integers, a float32 scale and a
-    # zero point per value at most): a larger target is the same plan, and 1e308 * total_w
-    # would overflow to inf (math.floor raised OverflowError, a traceback).
-    target_bits = min(target_bits, 64.0)
-    budget = math.floor(target_bits * total_w + 1e-9 * total_w)  # tolerate float noise
+    # A budget beyond every tensor's largest candidate is that total (the same plan): a
+    # target of 1e308 made an inf budget, and math.floor raised OverflowError (a traceback).
+    most = sum(max(x.size_bits for x in c) for c in candidates)
+    if target_bits * total_w >= most:
+        budget = most
+    else:
+        budget = math.floor(target_bits * total_w + 1e-9 * total_w)  # tolerate float noise
     choice = [_cheapest(c) for c in candidates]
     used = sum(c[j].size_bits for c, j in zip(candidates, choice, strict=True))
     if used > budget:
