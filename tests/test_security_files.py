@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import struct
 import zipfile
 from pathlib import Path
@@ -113,6 +114,46 @@ def test_force_replaces_a_complete_artifact(tmp_path, ckpt, art):
     schemes = {t.get("scheme") for t in json.loads((art / "qtool.json").read_text())["tensors"]}
     assert schemes == {None, "symmetric"}  # None: the tensors kept in float
     assert verify(art) == [] and leftovers(tmp_path) == []
+
+
+def _special(kind: str, p: Path) -> str:
+    """Something at ``p`` that is not a regular file; what qtool calls it."""
+    if kind == "fifo":
+        os.mkfifo(p)
+        return "a FIFO"
+    if kind == "symlink":
+        p.symlink_to(p.parent / "elsewhere.safetensors")
+        (p.parent / "elsewhere.safetensors").write_bytes(b"the user's file")
+        return "a symbolic link"
+    if kind == "socket":
+        import socket
+
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.close()
+        return "a socket"
+    os.mknod(p, 0o644 | stat.S_IFCHR, os.makedev(1, 3))  # another /dev/null
+    return "a character device"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "socket",
+                                  *(["chardev"] if os.geteuid() == 0 else [])])
+def test_dequantize_force_replaces_only_a_regular_file(tmp_path, art, kind):
+    """`dequantize ART /dev/null --force`, run as root, swapped the device node out and
+    unlinked it (RENAME_EXCHANGE does not care what it exchanges)."""
+    d = tmp_path / "outs"
+    d.mkdir()
+    target = d / "r.safetensors"
+    what = _special(kind, target)
+    before = os.lstat(target)
+    _fails(tmp_path, ("dequantize", art, target, "--force"),
+           f"{target}: is {what}, not a regular file; --force replaces only a regular file or "
+           "a qtool artifact, and this was left untouched")
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == \
+        (before.st_ino, before.st_mode, before.st_rdev)
+    if kind == "symlink":
+        assert (d / "elsewhere.safetensors").read_bytes() == b"the user's file"
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,19 @@ class _Staging:
         :func:`artifact_problem`."""
         self.target, self.replace = target, replace
         self.check = check or artifact_problem
+        if replace:
+            # --force replaces a checked artifact directory or a regular file, nothing else:
+            # as root, a device node at OUT (/dev/null) was swapped out and unlinked.
+            try:
+                mode = os.lstat(target).st_mode
+            except FileNotFoundError:
+                mode = stat.S_IFREG
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                from qtool.formats.safeio import _kind
+
+                raise OutputError(f"{target}: is {_kind(mode)}, not a regular file; --force "
+                                  "replaces only a regular file or a qtool artifact, and this "
+                                  "was left untouched")
         parent = target.parent
         # The directories this run creates, innermost first, so a failure removes them again.
         self.created: list[Path] = []
