@@ -129,7 +129,9 @@ class Artifact:
         files = self._open_shard_files(shard)
         try:
             if records is None:
-                records = [t for t in self.manifest.tensors if t.file == shard]
+                ts = self.manifest.tensors
+                records = ts if len(self.manifest.shards) == 1 else \
+                    [t for t in ts if t.file == shard]
             check_shard(records, *files)
         except BaseException:
             close_all(files)

@@ -103,7 +103,9 @@ def _dequantize_run(src: Source, out: Path, dtype: str, jobs: int,
     pool = ThreadPoolExecutor(max_workers=_jobs(jobs))
     try:
         for shard in m.shards:
-            records = [t for t in m.tensors if t.file == shard]
+            # One shard holds every record: no list of them all (8 bytes a tensor).
+            records = m.tensors if len(m.shards) == 1 else \
+                [t for t in m.tensors if t.file == shard]
             yield from _dequantize_shard(src, shard, records, stage.tmp, dtype, pool)
         index = src.index()
         if index is not None:
