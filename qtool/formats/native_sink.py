@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,32 +71,21 @@ class NativeSink:
         self._close_shard()
         name = shard.name
         scale_name, zp_name = sidecar_names(name)
-        main_entries, side_entries, row_entries = [], [], []
-        for t in tensors:
-            if t.spec is None:
-                main_entries.append((t.info.name, t.info.dtype, t.info.shape))
-                continue
-            main_entries.append((t.info.name, quantized_code(t),
-                                 stored_shape(t.info.shape, t.spec)))
-            coded = t.spec.scale_bits is not None  # U8 codes, and F32 row scales
-            side_entries.append((t.info.name, "U8" if coded else SCALE_CODES[t.spec.scale_dtype],
-                                 param_shape(t.info.shape, t.spec),
-                                 zero_point_shape(t.info.shape, t.spec)))
-            if coded:
-                row_entries.append((t.info.name, "F32", row_scale_shape(t.info.shape)))
+        # Each writer's entries are generated from ``tensors`` as the writer reads them: no
+        # list of (name, code, shape) per tensor per file (with 200,000 tensors, lists of
+        # them and of ``tensors`` itself were the peak of a quantize run).
+        coded = any(t.spec is not None and t.spec.scale_bits is not None for t in tensors)
         # The main file is the large one: a thread writes and hashes it behind the compute.
         self._writers = (
-            SafetensorsWriter(self.root / name, main_entries, marked_metadata(metadata),
-                              background=True),
-            SafetensorsWriter(self.root / scale_name,
-                              [(n, code, s) for n, code, s, _ in side_entries], MARK),
-            SafetensorsWriter(self.root / zp_name,
-                              [(n, ZERO_POINT_CODE, z) for n, _, _, z in side_entries], MARK),
+            SafetensorsWriter(self.root / name, _main_entries(tensors),
+                              marked_metadata(metadata), background=True),
+            SafetensorsWriter(self.root / scale_name, _scale_entries(tensors), MARK),
+            SafetensorsWriter(self.root / zp_name, _zero_point_entries(tensors), MARK),
         )
         self._names = (name, scale_name, zp_name)
-        if row_entries:  # only a shard with a scale_bits tensor has the row-scale file
-            self._writers += (SafetensorsWriter(self.root / row_scale_name(name), row_entries,
-                                                MARK),)
+        if coded:  # only a shard with a scale_bits tensor has the row-scale file
+            self._writers += (SafetensorsWriter(self.root / row_scale_name(name),
+                                                _row_scale_entries(tensors), MARK),)
             self._names += (row_scale_name(name),)
         self.shards.append(name)
 
@@ -155,6 +144,37 @@ class NativeSink:
         for w in self._writers:
             w.abort()
         self._writers, self._names = (), ()
+
+
+Entry = tuple[str, str, tuple[int, ...]]
+
+
+def _main_entries(tensors: Iterable[PlannedTensor]) -> Iterator[Entry]:
+    for t in tensors:
+        if t.spec is None:
+            yield t.info.name, t.info.dtype, t.info.shape
+        else:
+            yield t.info.name, quantized_code(t), stored_shape(t.info.shape, t.spec)
+
+
+def _scale_entries(tensors: Iterable[PlannedTensor]) -> Iterator[Entry]:
+    for t in tensors:
+        if t.spec is not None:
+            coded = t.spec.scale_bits is not None  # U8 codes (their row scales F32)
+            yield (t.info.name, "U8" if coded else SCALE_CODES[t.spec.scale_dtype],
+                   param_shape(t.info.shape, t.spec))
+
+
+def _zero_point_entries(tensors: Iterable[PlannedTensor]) -> Iterator[Entry]:
+    for t in tensors:
+        if t.spec is not None:
+            yield t.info.name, ZERO_POINT_CODE, zero_point_shape(t.info.shape, t.spec)
+
+
+def _row_scale_entries(tensors: Iterable[PlannedTensor]) -> Iterator[Entry]:
+    for t in tensors:
+        if t.spec is not None and t.spec.scale_bits is not None:
+            yield t.info.name, "F32", row_scale_shape(t.info.shape)
 
 
 def _index_bytes(records: list[TensorRecord], metadata: dict | None) -> bytes:

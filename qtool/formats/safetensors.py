@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from qtool.formats import _common
+from qtool.formats import digest as _digest
 from qtool.formats._common import (
     _ABSURD_BYTES,
     _ALIGN_MIN_BYTES,
@@ -53,6 +54,7 @@ from qtool.formats.safeio import not_this_format, open_regular, sniff
 # reader
 
 _CODES = {code: code for code in DTYPES}
+_HEADER_PIECE = 1 << 20  # bytes of the header hashed at a time by header_digest
 
 
 class SafetensorsFile:
@@ -90,7 +92,6 @@ class SafetensorsFile:
             self._fd = -1
             os.close(fd)
             raise
-        self._by_name = {t.name: t for t in self.tensors}
 
     # -- header parsing ------------------------------------------------------------------
 
@@ -115,9 +116,8 @@ class SafetensorsFile:
                 f"header length (first 8 bytes) runs beyond the end of the file "
                 f"({self.size} bytes); truncated, or not a safetensors file?"
             )
-        raw = bytearray(8 + n)
-        raw[:8] = prefix
-        _pread_exact(self._fd, memoryview(raw)[8:], 8, self.path, "header")
+        raw = bytearray(n)  # the header alone: decoded in place, no copy of a slice of it
+        _pread_exact(self._fd, memoryview(raw), 8, self.path, "header")
         self._header_len = 8 + n
         # Each entry has a "data_offsets" key: counting them bounds the tensors before parsing.
         declared = raw.count(b'"data_offsets"')
@@ -125,7 +125,7 @@ class SafetensorsFile:
             raise self._fail(f"header declares {declared} tensors, more than the limit of "
                              f"{_common.TENSOR_COUNT_LIMIT}")
         try:
-            text = raw[8:].decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise self._fail(f"header is not valid UTF-8 (byte {8 + exc.start})") from None
         del raw
@@ -294,6 +294,19 @@ class SafetensorsFile:
         buf = bytearray(self._header_len)
         _pread_exact(self._fd, memoryview(buf), 0, self.path, "header")
         return bytes(buf)
+
+    def header_digest(self, algorithm: str) -> str:
+        """The digest of :attr:`header_bytes`, read again from the open file and hashed a
+        piece at a time (the header of 200,000 tensors is over 20 MB; never held here)."""
+        if self._fd < 0:
+            raise ValueError(f"{self._label}: file is closed")
+        hasher = _digest.new(algorithm)
+        buf = bytearray(min(self._header_len, _HEADER_PIECE))
+        for start in range(0, self._header_len, _HEADER_PIECE):
+            view = memoryview(buf)[: min(_HEADER_PIECE, self._header_len - start)]
+            _pread_exact(self._fd, view, start, self.path, "header")
+            hasher.update(view)
+        return hasher.hexdigest()
 
     @property
     def closed(self) -> bool:

@@ -47,6 +47,10 @@ class Checkpoint:
 
     def tensors(self) -> list[TensorInfo]:
         """All tensors, shard by shard, each shard in data-offset order."""
+        return list(self.tensor_infos())
+
+    def tensor_infos(self) -> tuple[TensorInfo, ...]:
+        """:meth:`tensors` as the checkpoint's own tuple: no list of every tensor made."""
         if self._tensors is None:
             found: list[TensorInfo] = []
             for shard in self.shards:
@@ -54,7 +58,7 @@ class Checkpoint:
                     found.extend(f.tensors)
             object.__setattr__(self, "_tensors", tuple(found))
         assert self._tensors is not None
-        return list(self._tensors)
+        return self._tensors
 
     def take_file(self, shard: Path) -> SafetensorsFile:
         """``shard`` open, the caller's to close: the file validated at open time when it is

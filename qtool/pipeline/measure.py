@@ -159,14 +159,15 @@ def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
     alg = art.manifest.digest  # the source's digests are in the manifest's algorithm
     for entry, path in pairs:
         what = f"the artifact {art.root} was made from {entry['name']!r}"
-        with SafetensorsFile(path) as sf:
-            size, header_bytes = sf.size, sf.header_bytes
+        # The file the checkpoint validated when it still holds it (one parse, not two);
+        # the header hashed from the file piece by piece (never whole in memory).
+        with ckpt.take_file(path) as sf:
+            size, digest = sf.size, sf.header_digest(alg)
         if size != entry.get("size"):
             raise CheckpointError(
                 f"{path}: size {size} differs from the {entry.get('size')!r:.30} bytes of the "
                 f"source ({what}); is this the original?"
             )
-        digest = _digest.of_bytes(header_bytes, alg)
         if digest != entry.get(f"header_{alg}"):
             raise CheckpointError(
                 f"{path}: header {alg} {digest} differs from the source's ({what}); "

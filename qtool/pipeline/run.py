@@ -10,7 +10,7 @@ output (or the previous complete one).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from qtool.formats.safetensors import SafetensorsFile
 from qtool.formats.shards import Checkpoint, open_checkpoint
 from qtool.pipeline.mixed import MixedPlan, Target, plan_mixed
 from qtool.pipeline.mixed import apply as apply_mixed
-from qtool.pipeline.plan import Plan, QuantizeOptions, TensorResult, make_plan
+from qtool.pipeline.plan import Item, Plan, QuantizeOptions, TensorResult, make_plan
 from qtool.pipeline.staging import _check_output_dir, _Staging
 from qtool.pipeline.streams import (
     _blas_single_threaded,
@@ -93,8 +93,9 @@ class QuantizeRun:
             items = self.plan.items
             if self.opts.nan_policy == "skip":
                 bad = _find_nonfinite(files, self.plan)
-                items = [(i, None, "NaN/inf values (--nan-policy skip)") if i.name in bad
-                         else (i, s, r) for i, s, r in items]
+                if bad:
+                    items = [(i, None, "NaN/inf values (--nan-policy skip)") if i.name in bad
+                             else (i, s, r) for i, s, r in items]
             if self.opts.source_digest:
                 def digest_all() -> None:
                     for p in self.ckpt.shards:
@@ -102,10 +103,13 @@ class QuantizeRun:
                 digest_thread = threading.Thread(target=digest_all, daemon=True)
                 digest_thread.start()
             records: list[TensorRecord] = []
+            spans = _shard_spans(items)
             for shard in self.ckpt.shards:
                 sf = files[shard]
-                shard_items = [it for it in items if it[0].path == shard]
-                sink.open(shard, sf.metadata, [PlannedTensor(i, s) for i, s, _ in shard_items])
+                # The shard's items and what the sink plans from them are read lazily, twice,
+                # from the plan: never a list (or a PlannedTensor) of every tensor at once.
+                shard_items = _Span(items, *spans.get(shard, (0, 0)))
+                sink.open(shard, sf.metadata, _Planned(shard_items))
                 yield from self._shard_tensors(sf, shard_items, sink, pool, records)
             if digest_thread is not None:
                 digest_thread.join()
@@ -114,7 +118,7 @@ class QuantizeRun:
                 sf = files[p]
                 entry: dict[str, object] = {
                     "name": p.name, "size": sf.size,
-                    f"header_{ALGORITHM}": _digest.of_bytes(sf.header_bytes, ALGORITHM),
+                    f"header_{ALGORITHM}": sf.header_digest(ALGORITHM),
                 }
                 if p in digests:
                     entry[ALGORITHM] = digests[p]
@@ -143,7 +147,7 @@ class QuantizeRun:
     def _shard_tensors(
         self,
         sf: SafetensorsFile,
-        items: list[tuple[TensorInfo, QuantSpec | None, str | None]],
+        items: Iterable[Item],
         sink: Sink,
         pool: ThreadPoolExecutor,
         records: list[TensorRecord],
@@ -179,6 +183,58 @@ class QuantizeRun:
                                    stored_bytes=stored)
             records.append(rec)
             yield TensorResult(rec, info.nbytes)
+
+
+def _shard_spans(items: Sequence[Item]) -> dict[Path, tuple[int, int]]:
+    """{shard: (start, stop)} of the items of each shard. A plan lists the checkpoint's
+    tensors shard by shard, so each shard's items are one run of consecutive items."""
+    spans: dict[Path, tuple[int, int]] = {}
+    path, start = None, 0
+    for k, (info, _, _) in enumerate(items):
+        if info.path != path:
+            if path is not None:
+                spans[path] = (start, k)
+            if info.path in spans:  # cannot happen for a plan; refuse rather than misorder
+                raise AssertionError(f"plan items of {info.path} are not consecutive")
+            path, start = info.path, k
+    if path is not None:
+        spans[path] = (start, len(items))
+    return spans
+
+
+class _Span:
+    """Items [start, stop) of a plan, re-iterable, made as they are read."""
+
+    def __init__(self, items: Sequence[Item], start: int, stop: int) -> None:
+        self.items, self.start, self.stop = items, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[Item]:
+        items = self.items
+        for k in range(self.start, self.stop):
+            yield items[k]
+
+
+class _Planned(Sequence[PlannedTensor]):
+    """What the sink plans from a shard's items: PlannedTensors made as they are read."""
+
+    def __init__(self, items: _Span) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, k: int) -> PlannedTensor:  # type: ignore[override]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        info, spec, _ = self._items.items[self._items.start + k % len(self)]
+        return PlannedTensor(info, spec)
+
+    def __iter__(self) -> Iterator[PlannedTensor]:
+        for info, spec, _ in self._items:
+            yield PlannedTensor(info, spec)
 
 
 def _check_restorable(path: Path, info: TensorInfo, spec: QuantSpec, t: OutTensor) -> None:
