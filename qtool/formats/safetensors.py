@@ -44,11 +44,11 @@ from qtool.formats._common import (
     _pread_exact,
     _short,
     aligned_buffer,
-    check_tiling,
     shared_shape,
     stream_pairs,
 )
 from qtool.formats.safeio import not_this_format, open_regular, sniff
+from qtool.formats.tensor_table import TensorTable
 
 # --------------------------------------------------------------------------------------------
 # reader
@@ -65,7 +65,7 @@ class SafetensorsFile:
     path: Path
     size: int
     metadata: dict[str, str] | None
-    tensors: list[TensorInfo]
+    tensors: TensorTable  # a read-only sequence of TensorInfo, in data-offset order
 
     def __init__(self, path: str | Path, *, in_dir: Path | None = None) -> None:
         """``in_dir``: the file is one of an artifact's, opened relative to that directory
@@ -132,6 +132,7 @@ class SafetensorsFile:
         # Entry by entry: the parsed header of very many tensors is far larger than their
         # TensorInfo records (see stream_pairs); anything unusual takes the whole parse.
         pairs = stream_pairs(text)
+        doc = None
         if pairs is None:
             # The whole parse builds every entry at once: bound it before it starts. Each
             # entry has at least four colons outside strings (a colon inside one only counts
@@ -151,10 +152,9 @@ class SafetensorsFile:
 
         data_start = 8 + n
         data_len = self.size - data_start
-        by_name: dict[str, TensorInfo] = {}
         metadata: dict[str, str] | None = None
         seen_metadata = False
-        entries: list[TensorInfo] = []
+        table = TensorTable(self.path)
         for name, entry in pairs:
             if not isinstance(name, str):  # cannot happen with valid JSON; be defensive
                 raise self._fail(f"tensor name {_short(name)} is not a string")
@@ -164,21 +164,18 @@ class SafetensorsFile:
                 seen_metadata = True
                 metadata = self._parse_metadata(entry)
                 continue
-            if name in by_name:
+            if name in table:
                 raise self._fail("duplicate tensor name", name)
-            if len(entries) >= _common.TENSOR_COUNT_LIMIT:
+            if len(table) >= _common.TENSOR_COUNT_LIMIT:
                 # (the count above misses a key written with escapes: "data\u005foffsets")
                 raise self._fail(f"header declares more tensors than the limit of "
                                  f"{_common.TENSOR_COUNT_LIMIT}")
             name = sys.intern(name)  # one str for the checkpoint's and the run's parse
-            info = self._parse_entry(name, entry, data_start, data_len)
-            by_name[name] = info
-            entries.append(info)
-
-        check_tiling(entries, data_start, data_len, self._fail)
+            table.add(*self._parse_entry(name, entry, data_start, data_len))
+        del pairs, text, doc  # the header's text goes before the table is sorted and checked
+        table.seal(data_start, data_len, self._fail)
         self.metadata = metadata
-        self.tensors = entries
-        self._by_name = by_name
+        self.tensors = table
 
     def _parse_metadata(self, entry: Any) -> dict[str, str]:
         if not isinstance(entry, _Obj):
@@ -200,9 +197,9 @@ class SafetensorsFile:
             out[key] = value
         return out
 
-    def _parse_entry(
-        self, name: str, entry: Any, data_start: int, data_len: int
-    ) -> TensorInfo:
+    def _parse_entry(self, name: str, entry: Any, data_start: int,
+                     data_len: int) -> tuple[str, str, tuple[int, ...], int, int]:
+        """(name, dtype code, shape, absolute offset, size) of a checked header entry."""
         if not isinstance(entry, _Obj):
             raise self._fail(f"entry is a {_json_kind(entry)}, not an object", name)
         dup = _dup_key(entry)
@@ -269,14 +266,7 @@ class SafetensorsFile:
                 f"{_fmt_ints(shape)} of {code} needs {need_text}",
                 name,
             )
-        return TensorInfo(
-            name=name,
-            dtype=_CODES[code],  # one str object per dtype, not one per tensor
-            shape=shared_shape(tuple(shape)),
-            offset=data_start + begin,
-            nbytes=have,
-            path=self.path,
-        )
+        return name, code, shared_shape(tuple(shape)), data_start + begin, have
 
     # -- access --------------------------------------------------------------------------
 
@@ -313,13 +303,13 @@ class SafetensorsFile:
         return self._fd < 0
 
     def __getitem__(self, name: str) -> TensorInfo:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise KeyError(f"{self._label}: no tensor {name!r}") from None
+        info = self.tensors.find(name)
+        if info is None:
+            raise KeyError(f"{self._label}: no tensor {name!r}")
+        return info
 
     def __contains__(self, name: object) -> bool:
-        return name in self._by_name
+        return name in self.tensors
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -328,22 +318,16 @@ class SafetensorsFile:
         return iter(self.tensors)
 
     def keys(self) -> list[str]:
-        return [t.name for t in self.tensors]
+        return self.tensors.names()
 
     def _resolve(self, info: TensorInfo | str) -> TensorInfo:
         if self._fd < 0:
             raise ValueError(f"{self._label}: file is closed")
         if isinstance(info, str):
             return self[info]
-        mine = self._by_name.get(info.name)
-        if mine is None or (mine.dtype, mine.shape, mine.offset, mine.nbytes) != (
-            info.dtype,
-            info.shape,
-            info.offset,
-            info.nbytes,
-        ):
+        if not self.tensors.holds(info):
             raise ValueError(f"{self._label}: tensor {info.name!r} is not from this file")
-        return mine
+        return info
 
     def read(self, info: TensorInfo | str) -> np.ndarray:
         """The tensor as a fresh, writable array of its dtype and shape.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -26,6 +27,7 @@ from qtool.formats._common import (
 from qtool.formats.safeio import WHAT_QTOOL_READS, not_this_format, sniff
 from qtool.formats.safeio import open_regular as _open_regular
 from qtool.formats.safetensors import SafetensorsFile
+from qtool.formats.tensor_table import TensorChain
 
 # --------------------------------------------------------------------------------------------
 # (sharded) checkpoints
@@ -39,7 +41,8 @@ class Checkpoint:
     index_path: Path | None
     index_metadata: dict | None
     shards: list[Path]
-    _tensors: tuple[TensorInfo, ...] | None = field(default=None, repr=False, compare=False)
+    # Every shard's tensors as compact tables (see qtool.formats.tensor_table), not objects.
+    _tensors: Sequence[TensorInfo] | None = field(default=None, repr=False, compare=False)
     # The files validated while opening, still open: a run takes them (take_file) instead of
     # parsing every header again, which with very many tensors doubled the per-tensor state.
     _open: dict[Path, SafetensorsFile] = field(default_factory=dict, repr=False,
@@ -49,14 +52,15 @@ class Checkpoint:
         """All tensors, shard by shard, each shard in data-offset order."""
         return list(self.tensor_infos())
 
-    def tensor_infos(self) -> tuple[TensorInfo, ...]:
-        """:meth:`tensors` as the checkpoint's own tuple: no list of every tensor made."""
+    def tensor_infos(self) -> Sequence[TensorInfo]:
+        """:meth:`tensors` as the checkpoint's own read-only sequence (TensorInfos made as
+        they are read): no list or object of every tensor made."""
         if self._tensors is None:
-            found: list[TensorInfo] = []
+            tables = []
             for shard in self.shards:
                 with SafetensorsFile(shard) as f:
-                    found.extend(f.tensors)
-            object.__setattr__(self, "_tensors", tuple(found))
+                    tables.append(f.tensors)
+            object.__setattr__(self, "_tensors", TensorChain(tables))
         assert self._tensors is not None
         return self._tensors
 
@@ -128,7 +132,7 @@ def _other_formats(d: Path) -> str:
 def _open_single(p: Path) -> Checkpoint:
     f = SafetensorsFile(p)
     ckpt = Checkpoint(root=p.parent, index_path=None, index_metadata=None, shards=[p],
-                      _tensors=tuple(f.tensors), _open={p: f})
+                      _tensors=f.tensors, _open={p: f})
     # A file no run took is closed with the checkpoint (the dict, not the checkpoint, is
     # referenced, so this keeps nothing alive).
     weakref.finalize(ckpt, _close_all, ckpt._open)
@@ -230,7 +234,7 @@ def _open_index(p: Path) -> Checkpoint:
             canonical[shard_name] = by_real[real]
         placed[tensor] = canonical[shard_name]
 
-    infos: list[TensorInfo] = []
+    tables = []
     header_bytes = 0
     for shard in shards:
         with SafetensorsFile(shard) as f:
@@ -242,15 +246,15 @@ def _open_index(p: Path) -> Checkpoint:
                     f"{label}: the shards' headers hold more than {_common.HEADER_SIZE_LIMIT} "
                     "bytes in all, qtool's limit per checkpoint (reached at "
                     f"{shard.name})")
-            for t in f.tensors:
-                where = placed.get(t.name)
+            for name in f.keys():
+                where = placed.get(name)
                 if where is None:
                     raise CheckpointError(
-                        f"{shard}: tensor {_short(t.name)} is not listed in index {p.name}"
+                        f"{shard}: tensor {_short(name)} is not listed in index {p.name}"
                     )
                 if where != shard:
                     raise CheckpointError(
-                        f"{label}: tensor {_short(t.name)}: index places it in {where.name} "
+                        f"{label}: tensor {_short(name)}: index places it in {where.name} "
                         f"but it is in {shard.name}"
                     )
             for tensor, where in placed.items():
@@ -259,10 +263,9 @@ def _open_index(p: Path) -> Checkpoint:
                         f"{label}: tensor {_short(tensor)}: index places it in {shard.name}, "
                         f"which does not contain it"
                     )
-            infos.extend(f.tensors)
-    return Checkpoint(
-        root=root, index_path=p, index_metadata=index_metadata, shards=shards, _tensors=tuple(infos)
-    )
+            tables.append(f.tensors)
+    return Checkpoint(root=root, index_path=p, index_metadata=index_metadata, shards=shards,
+                      _tensors=TensorChain(tables))
 
 
 def _check_shard_name(label: str, tensor: str, name: str, root: Path, real_root: Path) -> Path:
