@@ -7,9 +7,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -345,37 +344,3 @@ def shared_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     if len(_SHAPES) > 10_000:  # hostile headers: every shape distinct
         _SHAPES.clear()
     return _SHAPES.setdefault(shape, shape)
-
-
-def check_tiling(entries: list[TensorInfo], data_start: int, data_len: int,
-                 fail: Callable[..., Exception]) -> None:
-    """Sort a file's tensors by offset (in place) and check they tile [0, data_len) of its
-    data area exactly; ``fail(msg, name=None)`` makes the error to raise."""
-    # By (offset, nbytes), as two stable sorts: no key tuple per tensor.
-    entries.sort(key=attrgetter("nbytes"))
-    entries.sort(key=attrgetter("offset"))
-    pos = 0
-    prev: TensorInfo | None = None
-    for info in entries:
-        begin = info.offset - data_start
-        end = begin + info.nbytes
-        if begin < pos:
-            assert prev is not None
-            raise fail(
-                f"data_offsets {_fmt_ints([begin, end])} overlap tensor "
-                f"{_short(prev.name)} which ends at {pos}",
-                info.name,
-            )
-        if begin > pos:
-            raise fail(
-                f"data_offsets {_fmt_ints([begin, end])} leave a gap: bytes "
-                f"[{pos}, {begin}) of the data area belong to no tensor",
-                info.name,
-            )
-        pos = end
-        prev = info
-    if pos != data_len:
-        raise fail(
-            f"{data_len - pos} trailing bytes after the last tensor "
-            f"(data area is {data_len} bytes, tensors cover {pos})"
-        )

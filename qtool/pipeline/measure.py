@@ -4,6 +4,7 @@ measuring run (an artifact against its original float checkpoint)."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -131,10 +132,13 @@ def _source_entries(m: Manifest, where: str) -> list[dict]:
     return files
 
 
-def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
+def match_original(art: Artifact, original: str | Path,
+                   keep: dict[Path, SafetensorsFile] | None = None) -> dict[str, Path]:
     """Check that ``original`` (file, index or directory) is what ``art`` was made from: the
     same number of shards, each with the manifest's size and header digest (and full digest
-    when the manifest has one). Returns {shard name in the manifest: file of the original}."""
+    when the manifest has one). Returns {shard name in the manifest: file of the original}.
+    With ``keep``, the checked files stay open in it (the caller's to close), so that a run
+    does not parse their headers again."""
     where = str(art.root / MANIFEST)
     entries = _source_entries(art.manifest, where)
     ckpt = open_checkpoint(original)
@@ -161,8 +165,14 @@ def match_original(art: Artifact, original: str | Path) -> dict[str, Path]:
         what = f"the artifact {art.root} was made from {entry['name']!r}"
         # The file the checkpoint validated when it still holds it (one parse, not two);
         # the header hashed from the file piece by piece (never whole in memory).
-        with ckpt.take_file(path) as sf:
+        sf = ckpt.take_file(path)
+        try:
             size, digest = sf.size, sf.header_digest(alg)
+        finally:
+            if keep is None:
+                sf.close()
+            else:
+                keep[path] = sf
         if size != entry.get("size"):
             raise CheckpointError(
                 f"{path}: size {size} differs from the {entry.get('size')!r:.30} bytes of the "
@@ -193,8 +203,12 @@ class MeasureRun:
     compared with the original again. Iterating yields one TensorResult per tensor whose
     record carries the measured statistics (passthrough records as they are)."""
 
-    def __init__(self, art: Artifact, originals: dict[str, Path], jobs: int) -> None:
+    def __init__(self, art: Artifact, originals: dict[str, Path], jobs: int,
+                 files: dict[Path, SafetensorsFile] | None = None) -> None:
         self.art, self.originals, self.jobs = art, originals, jobs
+        # Originals already open (match_original's): taken, not parsed again, when run.
+        self._files = files if files is not None else {}
+        weakref.finalize(self, _close_all, self._files)
 
     @property
     def total(self) -> int:
@@ -211,8 +225,9 @@ class MeasureRun:
             for shard in m.shards:
                 records = [t for t in m.tensors if t.file == shard]
                 # The shard reader hands out the sidecars of either format version.
+                path = self.originals[shard]
                 with NativeShard(self.art, shard) as reader, \
-                        SafetensorsFile(self.originals[shard]) as orig:
+                        (self._files.pop(path, None) or SafetensorsFile(path)) as orig:
                     for rec in records:
                         if rec.spec is None:
                             yield TensorResult(rec, rec.original_bytes)
@@ -302,4 +317,15 @@ def measure_artifact(art_dir: str | Path, original: str | Path, jobs: int = 0) -
     artifact's cheap checks and the original's identity (:func:`match_original`) are checked
     here, before any tensor is read."""
     art = Artifact.open(art_dir)
-    return MeasureRun(art, match_original(art, original), jobs)
+    files: dict[Path, SafetensorsFile] = {}
+    try:
+        originals = match_original(art, original, keep=files)
+    except BaseException:
+        _close_all(files)
+        raise
+    return MeasureRun(art, originals, jobs, files)
+
+
+def _close_all(files: dict[Path, SafetensorsFile]) -> None:
+    while files:
+        files.popitem()[1].close()

@@ -128,3 +128,38 @@ def test_header_digest_is_the_digest_of_the_header_bytes(tmp_path_factory, pad: 
     f.close()
     with pytest.raises(ValueError, match="closed"):
         f.header_digest("sha256")
+
+
+def test_report_original_parses_the_original_once(tmp_path: Path, monkeypatch) -> None:
+    import gc
+    import os
+
+    from qtool.pipeline.measure import measure_artifact
+    from qtool.pipeline.run import quantize_checkpoint
+
+    src = _checkpoint(tmp_path)
+    art = tmp_path / "art"
+    for _ in quantize_checkpoint(src, art, QuantizeOptions()):
+        pass
+    parsed: list[Path] = []
+    real = SafetensorsFile._parse
+
+    def counting(self: SafetensorsFile) -> None:
+        parsed.append(self.path)
+        real(self)
+
+    monkeypatch.setattr(SafetensorsFile, "_parse", counting)
+    run = measure_artifact(art, src)
+    results = {r.record.name: r.record for r in run}
+    assert parsed.count(src) == 1  # checked once, then measured from the same open file
+    assert set(results) == {"a.weight", "a.bias", "b.weight", "c.idx", "d.empty", "e.weight",
+                            "f.weight"}
+    assert results["a.weight"].stats is not None and results["a.weight"].stats.signal_sq > 0
+    # A run never iterated closes the original it holds when it goes.
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    run = measure_artifact(art, src)
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    del run
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
