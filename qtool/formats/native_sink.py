@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +129,8 @@ class NativeSink:
         self._close_shard()
         index_name = source.get("index")
         if index_name is not None:
-            data = _index_bytes(records, index_metadata)
-            (self.root / index_name).write_bytes(data)
-            self.files[index_name] = {"size": len(data),
-                                      _digest.DEFAULT: _digest.of_bytes(data, _digest.DEFAULT)}
+            self.files[index_name] = _write_index(self.root / index_name, records,
+                                                  index_metadata)
         coded = any(r.spec is not None and r.spec.scale_bits is not None for r in records)
         manifest = Manifest(source=source, tensors=records, files=self.files,
                             shards=self.shards, index=index_name,
@@ -177,15 +175,43 @@ def _row_scale_entries(tensors: Iterable[PlannedTensor]) -> Iterator[Entry]:
             yield t.info.name, "F32", row_scale_shape(t.info.shape)
 
 
-def _index_bytes(records: list[TensorRecord], metadata: dict | None) -> bytes:
-    """The output index: the input's layout, plus where each tensor's sidecars live."""
-    weight_map = {r.name: r.file for r in records}
-    scale_map = {r.name: sidecar_names(r.file)[0] for r in records if r.quantized}
-    zp_map = {r.name: sidecar_names(r.file)[1] for r in records if r.quantized}
-    doc = {"metadata": metadata or {}, "weight_map": weight_map,
-           "scale_map": scale_map, "zero_point_map": zp_map}
-    rs_map = {r.name: row_scale_name(r.file) for r in records
-              if r.spec is not None and r.spec.scale_bits is not None}
-    if rs_map:  # format_version 3: where the row scales of scale_bits tensors live
-        doc["row_scale_map"] = rs_map
-    return (json.dumps(doc, indent=2) + "\n").encode()
+def _write_index(path: Path, records: list[TensorRecord], metadata: dict | None) -> dict:
+    """Write the output index (the input's layout, plus where each tensor's sidecars live):
+    the bytes of ``json.dumps(doc, indent=2) + "\\n"`` written map by map, entry by entry, so
+    that neither the maps of every tensor nor the whole text is held (with 200,000 tensors
+    they were the peak of a sharded quantize). Returns its files entry (size and digest)."""
+    maps: list[tuple[str, Callable[[TensorRecord], str | None]]] = [
+        ("weight_map", lambda r: r.file),
+        ("scale_map", lambda r: sidecar_names(r.file)[0] if r.quantized else None),
+        ("zero_point_map", lambda r: sidecar_names(r.file)[1] if r.quantized else None),
+    ]
+    if any(r.spec is not None and r.spec.scale_bits is not None for r in records):
+        # format_version 3: where the row scales of scale_bits tensors live
+        maps.append(("row_scale_map", lambda r: row_scale_name(r.file)
+                     if r.spec is not None and r.spec.scale_bits is not None else None))
+    hasher = _digest.new(_digest.DEFAULT)
+    size = 0
+    with open(path, "wb") as f:
+        def put(text: str) -> None:
+            nonlocal size
+            data = text.encode()
+            f.write(data)
+            hasher.update(data)
+            size += len(data)
+
+        # Inside the top-level object every line is two spaces deeper (JSON strings never
+        # hold a raw newline, so only line breaks are replaced).
+        put('{\n  "metadata": ' + json.dumps(metadata or {}, indent=2).replace("\n", "\n  "))
+        for key, where in maps:
+            put(f",\n  {json.dumps(key)}: ")
+            first = True
+            for r in records:
+                value = where(r)
+                if value is None:
+                    continue
+                put(("{\n    " if first else ",\n    ")
+                    + f"{json.dumps(r.name)}: {json.dumps(value)}")
+                first = False
+            put("{}" if first else "\n  }")
+        put("\n}\n")
+    return {"size": size, _digest.DEFAULT: hasher.hexdigest()}

@@ -163,3 +163,34 @@ def test_report_original_parses_the_original_once(tmp_path: Path, monkeypatch) -
     del run
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_index_is_written_as_json_dumps_wrote_it(tmp_path: Path) -> None:
+    import json as _json
+
+    from qtool.formats.manifest import TensorRecord, row_scale_name, sidecar_names
+    from qtool.formats.native_sink import _write_index
+
+    spec = QuantSpec(scheme="symmetric", bits=4, granularity="group", group_size=16)
+    coded = QuantSpec(scheme="symmetric", bits=4, granularity="group", group_size=16,
+                      scale_bits=8)
+    records = [TensorRecord("a.weight", "m-1.safetensors", "F32", (4, 16), spec),
+               TensorRecord("a.bias", "m-1.safetensors", "F32", (4,), passthrough="1-D"),
+               TensorRecord("b\u00e9\"w", "m-2.safetensors", "F32", (4, 16), coded)]
+    meta = {"total_size": 12, "nested": {"x": [1, 2, {"y": "z\u00e9"}]}}
+    for recs, metadata in [(records, meta), (records[:2], None), ([], {})]:
+        # What the sink wrote before: the whole document, then json.dumps of it.
+        doc = {"metadata": metadata or {},
+               "weight_map": {r.name: r.file for r in recs},
+               "scale_map": {r.name: sidecar_names(r.file)[0] for r in recs if r.quantized},
+               "zero_point_map": {r.name: sidecar_names(r.file)[1] for r in recs
+                                  if r.quantized}}
+        rs_map = {r.name: row_scale_name(r.file) for r in recs
+                  if r.spec is not None and r.spec.scale_bits is not None}
+        if rs_map:
+            doc["row_scale_map"] = rs_map
+        want = (_json.dumps(doc, indent=2) + "\n").encode()
+        path = tmp_path / "index.json"
+        entry = _write_index(path, recs, metadata)
+        assert path.read_bytes() == want
+        assert entry == {"size": len(want), "blake3": _digest.of_bytes(want, "blake3")}
