@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -294,14 +295,23 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> Manifest:
-        # A manifest exactly as qtool writes it is read record by record (bounded memory for
-        # very many tensors); anything else is parsed whole, which names what is wrong.
+    def from_pieces(cls, text: str | Iterable[str], where: str) -> Manifest | None:
+        """The manifest of a text exactly as qtool writes it (the whole text, or its pieces
+        in order), read record by record: memory for very many tensors is their records, not
+        the text. None for any other text: :meth:`from_json` of the whole then says what is
+        wrong."""
         fast = read_streamed(text, lambda t, v: TensorRecord.from_json(t, where, v),
                              tuple(v for v in READABLE_VERSIONS if v >= 2))
+        if fast is None:
+            return None
+        head, records = fast
+        return cls._build(head, records, head["format_version"], head["digest"], where)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        fast = cls.from_pieces(text, where)
         if fast is not None:
-            head, records = fast
-            return cls._build(head, records, head["format_version"], head["digest"], where)
+            return fast
         try:
             doc = json.loads(text, parse_constant=reject_constant, object_pairs_hook=unique_object)
             check_strict_utf8(text, doc)  # a lone surrogate in a name cannot be written back

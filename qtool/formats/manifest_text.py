@@ -9,14 +9,14 @@ soon as it has been checked and converted.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO, TypeVar
 
 from qtool.formats import digest as _digest
-from qtool.formats._common import check_strict_utf8, reject_constant
+from qtool.formats._common import CheckpointError, check_strict_utf8, reject_constant
 
 T = TypeVar("T")
 
@@ -102,89 +102,170 @@ _TENSORS = '\n "tensors": ['  # the top-level key: only top-level keys are inden
 _NEXT = ",\n  "
 _FIRST = "\n  "
 _CLOSE = "\n ]"
+PIECE = 1 << 18  # characters (bytes, from a file) taken at a time
 
 
-def read_streamed(text: str, convert: Callable[[dict[str, Any], int], T],
+def read_streamed(text: str | Iterable[str], convert: Callable[[dict[str, Any], int], T],
                   versions: tuple[int, ...]) -> tuple[dict[str, Any], list[T]] | None:
     """A manifest of a format version in ``versions`` (2 or later: sealed) whose text is
     exactly what :func:`seal_streamed` writes and whose manifest_digest matches, as ``(doc
-    without its records, converted records)``, reading one record at a time. None for anything else
-    (including a record ``convert`` refuses): the caller then parses the whole text as
+    without its records, converted records)``, reading one record at a time. None for anything
+    else (including a record ``convert`` refuses): the caller then parses the whole text as
     before, which names what is wrong.
+
+    ``text`` is the whole text or its successive pieces (a file decoded a chunk at a time):
+    only the head, the record being read and one piece are held, never the whole text, so
+    200,000 records cost their converted form and not also 50 MB of text.
 
     Accepting here implies the whole-document checks pass: the head (with ``"tensors": []``)
     re-serialises to its own text, each record to its slice, the separators are the encoder's,
     so the text is ``_serialize(doc)``; the canonical digest is hashed piece by piece exactly
     as :func:`canonical_digest` hashes the whole."""
+    pieces = (text[i:i + PIECE] for i in range(0, len(text), PIECE)) \
+        if isinstance(text, str) else iter(text)
     try:
-        return _read_streamed(text, convert, versions)
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError):
+        return _read_streamed(_Text(pieces), convert, versions)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError,
+            CheckpointError):  # ArtifactError: from convert, or the pieces of a file
         return None
-    except Exception as e:  # ArtifactError from convert (imported lazily: no cycle)
-        from qtool.formats._common import CheckpointError
-
-        if isinstance(e, CheckpointError):
-            return None
-        raise
 
 
-def _read_streamed(text: str, convert: Callable[[dict[str, Any], int], T],
-                   versions: tuple[int, ...]) -> tuple[dict[str, Any], list[T]] | None:
-    i = text.find(_TENSORS)
-    if i < 0:
-        return None
-    pos = i + len(_TENSORS)
-    spans = array("q")  # start, end of each record: 16 bytes each, not two int objects
-    if text.startswith("]", pos):
-        tail = pos + 1
-    elif text.startswith(_FIRST, pos):
-        pos += len(_FIRST)
-        decoder = json.JSONDecoder(parse_constant=reject_constant)
+def text_pieces(fd: int, limit: int) -> Iterator[str]:
+    """The UTF-8 text of the open file ``fd``, a piece at a time; CheckpointError when it is
+    not UTF-8, cannot be read or is over ``limit`` bytes (read_streamed then gives None, and
+    the whole read names the problem)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    total = 0
+    try:
+        while chunk := os.read(fd, PIECE):
+            total += len(chunk)
+            if total > limit:
+                raise CheckpointError(f"over the {limit}-byte limit")
+            yield decoder.decode(chunk)
+        yield decoder.decode(b"", final=True)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+class _Text:
+    """The text being read, a piece at a time: what is left of the pieces taken, from
+    ``pos`` on (what is before ``pos`` is dropped once it is a piece long)."""
+
+    def __init__(self, pieces: Iterator[str]) -> None:
+        self.pieces = pieces
+        self.buf = ""
+        self.pos = 0
+
+    def _more(self, count: int) -> bool:
+        """Take pieces until ``count`` characters are there from ``pos``; False when the
+        text ends first."""
+        if self.pos >= PIECE:
+            self.buf, self.pos = self.buf[self.pos:], 0
+        while len(self.buf) - self.pos < count:
+            piece = next(self.pieces, None)
+            if piece is None:
+                return False
+            self.buf += piece
+        return True
+
+    def at(self, s: str, skip: bool = True) -> bool:
+        """Whether the text goes on with ``s`` (then skipped, unless ``skip`` is false)."""
+        self._more(len(s))
+        if self.buf.startswith(s, self.pos):
+            self.pos += len(s) if skip else 0
+            return True
+        return False
+
+    def until(self, s: str) -> str | None:
+        """The text before the next ``s`` (then skipped), None when there is none."""
+        seen = 0  # characters from pos already searched (pieces taken may move pos)
+        while (i := self.buf.find(s, self.pos + seen)) < 0:
+            seen = max(0, len(self.buf) - self.pos - len(s) + 1)
+            if not self._more(len(self.buf) - self.pos + 1):
+                return None
+        before, self.pos = self.buf[self.pos:i], i + len(s)
+        return before
+
+    def value(self, decoder: json.JSONDecoder) -> tuple[Any, str]:
+        """The JSON value at ``pos`` and its text. A value cut short by the end of the
+        pieces taken fails to parse: then twice as much is taken and it is parsed again
+        (a JSON object ends only with its closing brace, so a shorter parse cannot succeed)."""
         while True:
-            if not text.startswith("{", pos):
-                return None
-            _, end = decoder.raw_decode(text, pos)  # parsed again below, one at a time
-            spans.extend((pos, end))
-            if text.startswith(_NEXT, end):
-                pos = end + len(_NEXT)
-            elif text.startswith(_CLOSE, end):
-                tail = end + len(_CLOSE)
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
                 break
-            else:
-                return None
-    else:
-        return None
-    head_text = text[:i] + _TENSORS + "]" + text[tail:]
-    head = json.loads(head_text, parse_constant=reject_constant)
-    check_strict_utf8(head_text, head)
-    if not isinstance(head, dict) or head.get("format") != "qtool" or \
-            type(head.get("format_version")) is not int or \
-            head["format_version"] not in versions or \
-            head.get("tensors") != [] or _serialize(head) != head_text:
-        return None
-    algorithm = head.get("digest")
-    want = head.get("manifest_digest")
-    if algorithm not in _digest.ALGORITHMS or not _is_hex(want, algorithm):
-        return None
+            except json.JSONDecodeError:
+                have = len(self.buf) - self.pos
+                self._more(2 * have + 1)
+                if len(self.buf) - self.pos == have:  # nothing more: the text is cut short
+                    raise
+        text, self.pos = self.buf[self.pos:end], end
+        return value, text
+
+    def rest(self) -> str:
+        rest = [self.buf[self.pos:], *self.pieces]
+        self.buf, self.pos = "", 0
+        return "".join(rest)
+
+
+def _canonical_parts(head: dict[str, Any]) -> tuple[str, str]:
+    """The canonical text of ``head`` (records, manifest_digest left out) before and after
+    where its records go."""
     mark = os.urandom(16).hex()
     body = {k: v for k, v in head.items() if k != "manifest_digest"} | {"tensors": mark}
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     before, after = canon.split(json.dumps(mark), 1)
+    return before, after
+
+
+def _read_streamed(text: _Text, convert: Callable[[dict[str, Any], int], T],
+                   versions: tuple[int, ...]) -> tuple[dict[str, Any], list[T]] | None:
+    start = text.until(_TENSORS)
+    if start is None:
+        return None
+    # The keys before the records (qtool writes them all there) give the version and digest
+    # algorithm the records are read and hashed with; the whole head is checked at the end.
+    early = json.loads(start + _TENSORS + "]\n}", parse_constant=reject_constant)
+    if not isinstance(early, dict) or type(early.get("format_version")) is not int or \
+            early["format_version"] not in versions or \
+            early.get("digest") not in _digest.ALGORITHMS:
+        return None
+    version, algorithm = early["format_version"], early["digest"]
+    before, _ = _canonical_parts(early)
+    del early
     hasher = _digest.new(algorithm)
     hasher.update((before + "[").encode("utf-8"))
     decoder = json.JSONDecoder(parse_constant=reject_constant)
     records: list[T] = []
-    for k in range(len(spans) // 2):
-        start, end = spans[2 * k], spans[2 * k + 1]
-        piece = text[start:end]
-        rec = decoder.decode(piece)
-        check_strict_utf8(piece, rec)
-        if not isinstance(rec, dict) or \
-                json.dumps(rec, indent=1).replace("\n", "\n  ") != piece:
+    if not text.at("]"):
+        if not text.at(_FIRST):
             return None
-        hasher.update((("," if k else "") + json.dumps(
-            rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)).encode("utf-8"))
-        records.append(convert(rec, head["format_version"]))
+        while True:
+            if not text.at("{", skip=False):
+                return None
+            rec, piece = text.value(decoder)
+            check_strict_utf8(piece, rec)
+            if not isinstance(rec, dict) or \
+                    json.dumps(rec, indent=1).replace("\n", "\n  ") != piece:
+                return None
+            hasher.update((("," if records else "") + json.dumps(
+                rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)).encode("utf-8"))
+            records.append(convert(rec, version))
+            if text.at(_CLOSE):
+                break
+            if not text.at(_NEXT):
+                return None
+    head_text = start + _TENSORS + "]" + text.rest()
+    head = json.loads(head_text, parse_constant=reject_constant)
+    check_strict_utf8(head_text, head)
+    if not isinstance(head, dict) or head.get("format") != "qtool" or \
+            head.get("format_version") != version or head.get("digest") != algorithm or \
+            head.get("tensors") != [] or _serialize(head) != head_text:
+        return None
+    want = head.get("manifest_digest")
+    head_before, after = _canonical_parts(head)
+    if head_before != before or not _is_hex(want, algorithm):
+        return None
     hasher.update(("]" + after).encode("utf-8"))
     if hasher.hexdigest() != want:
         return None

@@ -109,3 +109,46 @@ def test_manifest_file_names_cannot_escape(tmp_path):
     (out / "qtool.json").write_text(seal(m))
     with pytest.raises(ArtifactError, match="not a plain name"):
         Artifact.open(out)
+
+
+def test_the_manifest_is_read_in_pieces_never_whole(tmp_path):
+    """Issue 15: Artifact.load reads qtool.json a piece at a time. Beyond the records it
+    returns, it holds well under half the file's size at any time (reading the file whole
+    held its bytes and its text: over the file's size on top of the records)."""
+    import tracemalloc
+
+    from qtool.formats.manifest import MANIFEST, Manifest, TensorRecord
+
+    recs = [TensorRecord(f"model.layers.{i}.mlp.experts.w", "m.safetensors", "F32", (0, 8),
+                         passthrough="empty tensor") for i in range(40_000)]
+    with open(tmp_path / MANIFEST, "w") as f:
+        Manifest(source={}, tensors=recs, shards=["m.safetensors"]).write(f)
+    size = (tmp_path / MANIFEST).stat().st_size
+    tracemalloc.start()
+    try:
+        art = Artifact.load(tmp_path)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert art.manifest.tensors == recs
+    assert size > 8_000_000 and peak - held < 0.5 * size, (size, held, peak)
+
+
+@pytest.mark.parametrize("blob_edit, message", [
+    (lambda b: b.replace(b'"format": "qtool"', b'"format": "qt\xffol"', 1),
+     "cannot read (invalid start byte at byte 16)"),
+    (lambda b: b + b" " * 20, "different bytes than qtool writes"),
+])
+def test_a_manifest_the_piecewise_read_refuses_is_named_by_the_whole_read(tmp_path, blob_edit,
+                                                                           message):
+    """Not UTF-8, or not exactly qtool's text: the read in pieces gives up and the whole
+    read says what is wrong, in one line, as before."""
+    out = _artifact(tmp_path)
+    path = out / "qtool.json"
+    blob = blob_edit(path.read_bytes())
+    path.write_bytes(blob)
+    for args in (["verify", out], ["report", out]):
+        r = run(*args, expect=2)
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], r.stderr
+    assert path.read_bytes() == blob
