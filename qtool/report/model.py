@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from qtool.core.metrics import ErrorStats
 from qtool.core.schemes import QuantSpec
@@ -99,6 +99,39 @@ class Row:
         return self.results[0].original_bytes
 
 
+class RecordRows(Sequence[Row]):
+    """An artifact's rows, made from its records when asked for: one Row held per tensor
+    cost ~150 bytes a tensor (30 MB for 200,000) beside the records themselves. Each access
+    makes a new Row of one record; sorting or slicing gives another RecordRows."""
+
+    __slots__ = ("records",)
+
+    def __init__(self, records: list[TensorRecord]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @overload
+    def __getitem__(self, i: int) -> Row: ...
+    @overload
+    def __getitem__(self, i: slice) -> RecordRows: ...
+    def __getitem__(self, i: int | slice) -> Row | RecordRows:
+        if isinstance(i, slice):
+            return RecordRows(self.records[i])
+        return _row(self.records[i])
+
+    def __iter__(self) -> Iterator[Row]:
+        return map(_row, self.records)
+
+    def sorted(self, key: Callable[[Row], Any]) -> RecordRows:
+        return RecordRows(sorted(self.records, key=lambda rec: key(_row(rec))))
+
+
+def _row(rec: TensorRecord) -> Row:
+    return Row(rec.name, rec.dtype, tuple(rec.shape), [rec])
+
+
 def bits_per_weight(rec: TensorRecord) -> float | None:
     """8 × stored bytes / weights (integers, scales and zero points all counted); a kept
     tensor: its dtype's width. None for an empty tensor. The one place the report computes
@@ -164,7 +197,7 @@ class Report:
     path: str
     labels: list[str]  # one per group: "artifact", or the scheme of each dry run
     specs: list[QuantSpec | None]  # the dry run's spec per group; None for an artifact
-    rows: list[Row]
+    rows: Sequence[Row]  # a list (dry run) or RecordRows (an artifact's, made when read)
     metrics_from: str  # "manifest", "original" or "dry-run"
     original: str | None = None
     energy_model: EnergyModel = field(default_factory=EnergyModel)
@@ -204,9 +237,16 @@ class Report:
     def _totals(self, i: int) -> Totals:
         stats = ErrorStats()
         worst: Worst | None = None
-        quantized = 0
-        for r in self.rows:
+        quantized = before = after = weights = q_weights = q_bytes = 0
+        for r in self.rows:  # one pass, nothing kept per row (rows may be made on the fly)
             rec = r.results[i]
+            before += rec.original_bytes
+            after += rec.stored_bytes
+            n = r.parameters
+            weights += n
+            if rec.quantized:
+                q_weights += n
+                q_bytes += rec.stored_bytes
             if rec.stats is None:
                 continue
             quantized += 1
@@ -215,15 +255,10 @@ class Report:
             if worst is None or (s.sqnr_db, -s.max_abs_error) < (worst.sqnr_db,
                                                                    -worst.max_abs_error):
                 worst = Worst(r.name, s.sqnr_db, s.max_abs_error)
-        q_rows = [r for r in self.rows if r.results[i].quantized]
         return Totals(
-            tensors=len(self.rows), quantized=quantized,
-            bytes_before=sum(r.results[i].original_bytes for r in self.rows),
-            bytes_after=sum(r.results[i].stored_bytes for r in self.rows),
-            stats=stats, worst=worst,
-            weights=sum(r.parameters for r in self.rows),
-            quantized_weights=sum(r.parameters for r in q_rows),
-            quantized_bytes=sum(r.results[i].stored_bytes for r in q_rows),
+            tensors=len(self.rows), quantized=quantized, bytes_before=before,
+            bytes_after=after, stats=stats, worst=worst, weights=weights,
+            quantized_weights=q_weights, quantized_bytes=q_bytes,
         )
 
     def _check(self) -> list[Offender]:
@@ -233,24 +268,41 @@ class Report:
     def _offender_labels(self) -> list[str | None]:
         return [None] * len(self.labels) if self.kind == "artifact" else list(self.labels)
 
-    def sorted_rows(self, sort: str | None = None, top: int | None = None) -> list[Row]:
+    def sorted_rows(self, sort: str | None = None, top: int | None = None) -> Sequence[Row]:
         """The rows to show: in checkpoint order, or sorted (worst first for sqnr and error,
         largest first for size; a dry run sorts by its first scheme), then the first ``top``."""
-        rows = list(self.rows)
+        key: Callable[[Row], Any] | None = None
         if sort == "name":
-            rows.sort(key=lambda r: r.name)
+            key = _by_name
         elif sort == "sqnr":
             # Tensors kept in float have no SQNR: they go last.
-            rows.sort(key=lambda r: (0, r.results[0].stats.sqnr_db) if r.results[0].stats
-                      else (1, 0.0))
+            key = _by_sqnr
         elif sort == "error":
-            rows.sort(key=lambda r: (0, -r.results[0].stats.max_abs_error)
-                      if r.results[0].stats else (1, 0.0))
+            key = _by_error
         elif sort == "size":
-            rows.sort(key=lambda r: -r.original_bytes)
+            key = _by_size
         elif sort is not None:
             raise ReportError(f"unknown sort key {sort!r}; choose one of {', '.join(SORT_KEYS)}")
+        rows = self.rows
+        if key is not None:  # sorted stably: equal keys keep checkpoint order
+            rows = rows.sorted(key) if isinstance(rows, RecordRows) else sorted(rows, key=key)
         return rows[:top] if top is not None else rows
+
+
+def _by_name(r: Row) -> Any:
+    return r.name
+
+
+def _by_sqnr(r: Row) -> Any:
+    return (0, r.results[0].stats.sqnr_db) if r.results[0].stats else (1, 0.0)
+
+
+def _by_error(r: Row) -> Any:
+    return (0, -r.results[0].stats.max_abs_error) if r.results[0].stats else (1, 0.0)
+
+
+def _by_size(r: Row) -> Any:
+    return -r.original_bytes
 
 
 def _best(results: list[TensorRecord]) -> int | None:
@@ -321,8 +373,7 @@ def artifact_report(path: str | Path, records: Sequence[TensorRecord], *,
                     options: ReportOptions | None = None) -> Report:
     """The report of an artifact from its records (the manifest's, or re-measured ones)."""
     _check_records(records, str(Path(path) / "qtool.json"))
-    records = [_with_real_bytes(r) for r in records]
-    rows = [Row(r.name, r.dtype, tuple(r.shape), [r]) for r in records]
+    rows = RecordRows([_with_real_bytes(r) for r in records])
     return Report("artifact", str(path), ["artifact"], [None], rows, metrics_from,
                   original=None if original is None else str(original), disk=disk,
                   **(options or ReportOptions()).report_fields())
