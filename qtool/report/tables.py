@@ -104,7 +104,7 @@ def render_report_parts(report: Report, sort: str | None = None, top: int | None
     """:func:`render_report` one part at a time, for printing part by part: with more than
     LARGE_TABLE rows shown, the table comes as chunks of _CHUNK rows."""
     rows = report.sorted_rows(sort, top)
-    kept = [r for r in rows if _kept_everywhere(r)]
+    kept = [] if show_all else [r for r in rows if _kept_everywhere(r)]
     if not show_all:
         rows = [r for r in rows if not _kept_everywhere(r)]
     prefix = _common_prefix(r.name for r in report.rows)
@@ -112,12 +112,12 @@ def render_report_parts(report: Report, sort: str | None = None, top: int | None
     cols = _measured_cols(report, rows) if big else _cols_for(report, rows)
     constant = _constant_settings(report, rows)
     cols = [c for c in cols if c.key not in constant]
-    full = [_safe(r.name[len(prefix):]) for r in rows]
     # Columns are kept by priority, the most useful first; columns of the same priority
     # (one metric for every dry-run scheme) are shown all together or not at all. The first
     # tier (SQNR) is always shown: names give way to it (down to NAME_MIN_WIDTH). Further
     # tiers share what is left with the names, which keep up to 45 % of the width.
-    longest = max((len(n) for n in full), default=len("tensor"))
+    # The names as shown are made again where needed, not held: 200,000 of them are 20 MB.
+    longest = max((len(_shown_name(r, prefix)) for r in rows), default=len("tensor"))
     first = min(c.priority for c in cols) if cols else 0
     need0 = sum(c.width + 2 for c in cols if c.priority == first)
     name_w = max(NAME_MIN_WIDTH, min(longest, width - need0 - 1))
@@ -140,11 +140,12 @@ def render_report_parts(report: Report, sort: str | None = None, top: int | None
     if prefix:
         yield Text(f"tensor names below start with {prefix!r}", style="dim")
     if big:
-        yield from _chunked_table(report, rows, full, shown, name_w)
+        yield from _chunked_table(report, rows, prefix, shown, name_w)
     else:
         table = _table(shown, name_w, None, True)
-        for i, name in enumerate(full):
-            table.add_row(Text(fit_name(name, name_w)), *[c.cells[i] for c in shown])
+        for i, r in enumerate(rows):
+            table.add_row(Text(fit_name(_shown_name(r, prefix), name_w)),
+                          *[c.cells[i] for c in shown])
         yield table
     if kept and not show_all:
         yield Text(_kept_line(kept))
@@ -208,16 +209,24 @@ def _measured_cols(report: Report, rows: list[Row]) -> list[_Col]:
     return cols
 
 
-def _chunked_table(report: Report, rows: list[Row], full: list[str], shown: list[_Col],
+def _shown_name(r: Row, prefix: str) -> str:
+    return _safe(r.name[len(prefix):])
+
+
+def _chunked_table(report: Report, rows: list[Row], prefix: str, shown: list[_Col],
                    name_w: int) -> Iterator[Table]:
-    names = [fit_name(n, name_w) for n in full]
-    widths = [max([len("tensor"), *(len(n) for n in names)])] + [c.width for c in shown]
+    """The table in chunks of _CHUNK rows, each chunk's cells (names too) made as it is
+    drawn: nothing per row is held for the whole table."""
+    longest = max((len(fit_name(_shown_name(r, prefix), name_w)) for r in rows), default=0)
+    widths = [max(len("tensor"), longest)] + [c.width for c in shown]
     keep = {c.header for c in shown}
     for start in range(0, len(rows), _CHUNK):
-        cells = [c for c in _cols_for(report, rows[start:start + _CHUNK]) if c.header in keep]
+        chunk = rows[start:start + _CHUNK]
+        cells = [c for c in _cols_for(report, chunk) if c.header in keep]
         table = _table(shown, name_w, widths, start == 0)
-        for i, name in enumerate(names[start:start + _CHUNK]):
-            table.add_row(Text(name), *[c.cells[i] for c in cells])
+        for i, r in enumerate(chunk):
+            table.add_row(Text(fit_name(_shown_name(r, prefix), name_w)),
+                          *[c.cells[i] for c in cells])
         yield table
 
 
