@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from qtool.formats import _common
-from tests.conftest import raw_file, run
+from tests.conftest import ROOT, raw_file, run
 from tests.test_security import assert_one_line_error, leftovers, snapshot
 
 
@@ -58,6 +58,20 @@ def _refused(tmp_path: Path, command: str, src: Path, *fragments: str) -> None:
 def _accepted(tmp_path: Path, command: str, src: Path) -> None:
     args = [tmp_path / "ok-out"] if command == "quantize" else []
     run(command, src, *args, "-q")
+
+
+def test_the_documented_limits_are_the_ones_enforced():
+    text = (ROOT / "docs" / "SECURITY.md").read_text()
+    count = f"{_common.TENSOR_COUNT_LIMIT:,}".replace(",", " ")
+    assert f"at most {count} tensors" in text
+    assert f"{_common.HEADER_SIZE_LIMIT // 2**20} MiB of headers" in text
+    assert _common.METADATA_SIZE_LIMIT == 2**20 and "1 MiB of metadata" in text
+    assert _common.INDEX_SIZE_LIMIT == _common.HEADER_SIZE_LIMIT
+    from qtool.formats.manifest import MANIFEST_SIZE_LIMIT
+
+    assert f"{MANIFEST_SIZE_LIMIT // 2**20} MiB" in text
+
+
 
 
 @pytest.mark.parametrize("command", ["quantize", "report"])
@@ -146,3 +160,34 @@ def test_a_header_that_takes_the_whole_parse_is_bounded_before_it(tmp_path, monk
                                                          else "") for i in range(51)) + "}"))
     _refused(tmp_path, "quantize", few, str(few),
              "header declares more tensors than the limit of 50")
+
+
+@pytest.mark.parametrize("command", ["verify", "report", "dequantize"])
+def test_a_manifest_listing_more_tensors_than_the_limit_is_refused(tmp_path, monkeypatch,
+                                                                  command):
+    src = _file(tmp_path / "m.safetensors", [f"t{i}" for i in range(6)])
+    art = tmp_path / "art"
+    run("quantize", src, art, "-q")
+    monkeypatch.setattr(_common, "TENSOR_COUNT_LIMIT", 5)
+    args = [tmp_path / "restored.safetensors"] if command == "dequantize" else []
+    before = snapshot(tmp_path)
+    assert_one_line_error(run(command, art, *args, expect=2), str(art / "qtool.json"),
+                          "lists more tensors than the limit of 5")
+    assert snapshot(tmp_path) == before and leftovers(tmp_path) == []
+    monkeypatch.setattr(_common, "TENSOR_COUNT_LIMIT", 6)
+    run(command, art, *args, "-q")
+
+
+def test_a_manifest_not_as_qtool_writes_it_is_bounded_too(tmp_path, monkeypatch):
+    """A manifest that is not qtool's exact text takes the whole parse (which then says what
+    is wrong with it): the count is checked there too, before the records are built."""
+    src = _file(tmp_path / "m.safetensors", [f"t{i}" for i in range(6)])
+    art = tmp_path / "art"
+    run("quantize", src, art, "-q")
+    doc = json.loads((art / "qtool.json").read_text())
+    (art / "qtool.json").write_text(json.dumps(doc, indent=1))  # same content, other bytes
+    monkeypatch.setattr(_common, "TENSOR_COUNT_LIMIT", 5)
+    assert_one_line_error(run("verify", art, expect=2), "lists more tensors than the limit of 5")
+    monkeypatch.setattr(_common, "TENSOR_COUNT_LIMIT", 6)
+    # within the limit, the whole parse finds what is wrong: the bytes were changed
+    assert_one_line_error(run("verify", art, expect=2), "different bytes than qtool writes")

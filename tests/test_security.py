@@ -83,8 +83,8 @@ CORPUS: list[tuple[str, bytes, str, str | None]] = [
     ("header_beyond_file", raw_file({}, length=4096), "header length (first 8 bytes) runs "
      "beyond the end of the file (16 bytes)", None),
     ("header_over_cap", raw_file({}, length=100_000_001),
-     "header length (first 8 bytes) exceeds the 100000000-byte limit", None),
-    ("header_u64_max", raw_file({}, length=2**64 - 1), "exceeds the 100000000-byte limit", None),
+     "header length (first 8 bytes) exceeds the 16777216-byte limit", None),
+    ("header_u64_max", raw_file({}, length=2**64 - 1), "exceeds the 16777216-byte limit", None),
     ("header_not_utf8", raw_file(b'{"\xc3\x28": 1}'), "header is not valid UTF-8 (byte 10)", None),
     ("header_not_json", raw_file(b'{"layer.w": {"dtype": "F32",'), "header is not valid JSON",
      None),

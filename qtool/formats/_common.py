@@ -21,22 +21,23 @@ from qtool.core import bf16
 # corners; each is far above what real checkpoints need (DeepSeek-V3: about 92 000 tensors
 # and 13 MB of headers over 163 shards; per file far less).
 
-HEADER_SIZE_LIMIT = 100_000_000
+HEADER_SIZE_LIMIT = 16 << 20
 """Largest accepted JSON header of one safetensors file, and of all of a checkpoint's files
 together, in bytes (the reference implementation caps one file at 100 MB, but the per-tensor
 state of such a header would exceed the memory bound)."""
 
-TENSOR_COUNT_LIMIT = 1_000_000
+TENSOR_COUNT_LIMIT = 100_000
 """Most tensors a checkpoint may hold, all its shards together (and so any one file, index
 or manifest). It is counted in a header before the header is parsed, so that a hostile
 header of millions of empty tensors is refused at once."""
 
 METADATA_SIZE_LIMIT = 1 << 20
-"""Most bytes of ``__metadata__`` (keys and values, as UTF-8) one file may carry, and of an
+"""Most characters of ``__metadata__`` (keys and values) one file may carry, and of an
 index's ``metadata``. qtool copies it into every output; real files carry a few bytes."""
 
-INDEX_SIZE_LIMIT = 100_000_000
-"""Largest accepted ``*.safetensors.index.json`` file, in bytes."""
+INDEX_SIZE_LIMIT = 16 << 20
+"""Largest accepted ``*.safetensors.index.json`` file, in bytes (an index lists each tensor
+once, in fewer bytes than its header entry)."""
 
 PAGE = 4096
 _ALIGN_MIN_BYTES = PAGE  # below this, page-congruent buffers are not worth the extra page

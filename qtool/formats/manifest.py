@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from qtool.core.metrics import ErrorStats
 from qtool.core.scales import SCALE_CODES
 from qtool.core.schemes import QuantSpec, SpecError
 from qtool.core.shapes import param_shape, row_scale_shape, stored_shape, zero_point_shape
+from qtool.formats import _common
 from qtool.formats import digest as _digest
 from qtool.formats._common import (
     _INTP_LIMIT,
@@ -30,6 +30,12 @@ from qtool.formats._common import (
     reject_constant,
     shared_shape,
     unique_object,
+)
+from qtool.formats.artifact_files import (  # noqa: F401  (re-exported)
+    is_plain_name,
+    row_scale_name,
+    sidecar_names,
+    stem_of,
 )
 from qtool.formats.manifest_text import (  # noqa: F401  (seal* and _serialize: re-exported)
     _is_hex,
@@ -57,38 +63,20 @@ marked as qtool's (docs/FORMAT.md). Version 3: version 2, plus tensors with ``sc
 # (which expect "pt", "tf", "flax" or "np") refuse it, and the source's own metadata is kept,
 # as JSON, under this key for dequantize to restore.
 SOURCE_METADATA_KEY = "qtool_source_metadata"
-
-
 MANIFEST = "qtool.json"
+MANIFEST_SIZE_LIMIT = 64 << 20  # bytes; a record is ~250 bytes: 2x the tensor limit's
 
 
-MANIFEST_SIZE_LIMIT = 100_000_000  # bytes; as for safetensors headers and indexes
+class _TooMany(Exception):
+    pass
+
+
+def _too_many() -> str:
+    return f"lists more tensors than the limit of {_common.TENSOR_COUNT_LIMIT}"
 
 
 class ArtifactError(CheckpointError):
     """A qtool artifact that is missing, corrupt or inconsistent."""
-
-
-def is_plain_name(name: object) -> bool:
-    """A file name with no directory part, so that it cannot point outside the artifact."""
-    return (isinstance(name, str) and os.sep not in name and "\0" not in name
-            and not (os.altsep and os.altsep in name) and name not in ("", ".", ".."))
-
-
-def stem_of(shard_name: str) -> str:
-    return shard_name[: -len(".safetensors")] if shard_name.endswith(".safetensors") else shard_name
-
-
-def sidecar_names(shard_name: str) -> tuple[str, str]:
-    """(scale file, zero-point file) for a shard file name."""
-    stem = stem_of(shard_name)
-    return f"{stem}.scale.safetensors", f"{stem}.zero_point.safetensors"
-
-
-def row_scale_name(shard_name: str) -> str:
-    """The file of the per-row float32 scales of ``scale_bits`` 8 tensors (format_version 3);
-    it exists only for a shard holding such a tensor."""
-    return f"{stem_of(shard_name)}.row_scale.safetensors"
 
 
 def uses_row_scales(records: list[TensorRecord], shard: str) -> bool:
@@ -300,8 +288,17 @@ class Manifest:
         in order), read record by record: memory for very many tensors is their records, not
         the text. None for any other text: :meth:`from_json` of the whole then says what is
         wrong."""
-        fast = read_streamed(text, lambda t, v: TensorRecord.from_json(t, where, v),
-                             tuple(v for v in READABLE_VERSIONS if v >= 2))
+        count = iter(range(_common.TENSOR_COUNT_LIMIT))  # bounded as read, like a header
+
+        def record(t: dict[str, Any], v: int) -> TensorRecord:
+            if next(count, None) is None:  # not an error read_streamed takes for "not ours"
+                raise _TooMany(f"{where}: {_too_many()}")
+            return TensorRecord.from_json(t, where, v)
+
+        try:
+            fast = read_streamed(text, record, tuple(v for v in READABLE_VERSIONS if v >= 2))
+        except _TooMany as e:
+            raise ArtifactError(str(e)) from None
         if fast is None:
             return None
         head, records = fast
@@ -312,6 +309,10 @@ class Manifest:
         fast = cls.from_pieces(text, where)
         if fast is not None:
             return fast
+        # The whole parse builds every record at once: a record has at least 8 colons
+        # outside strings (a colon inside one only counts too many).
+        if text.count(":") > 16 * _common.TENSOR_COUNT_LIMIT + 1000:
+            raise ArtifactError(f"{where}: {_too_many()}")
         try:
             doc = json.loads(text, parse_constant=reject_constant, object_pairs_hook=unique_object)
             check_strict_utf8(text, doc)  # a lone surrogate in a name cannot be written back
@@ -342,6 +343,8 @@ class Manifest:
             if missing:
                 raise ArtifactError(f"{where}: required field {missing[0]!r} is missing")
             if tensors is None:
+                if len(doc["tensors"]) > _common.TENSOR_COUNT_LIMIT:
+                    raise ArtifactError(f"{where}: {_too_many()}")
                 tensors = [TensorRecord.from_json(t, where, version) for t in doc["tensors"]]
             m = cls(
                 source=dict(doc["source"]),

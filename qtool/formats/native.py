@@ -191,8 +191,10 @@ class Artifact:
         raw = read_capped(p, MANIFEST_SIZE_LIMIT, "index", in_dir=self.root, error=ArtifactError)
         try:
             text = raw.decode("utf-8")
+            del raw  # with very many tensors, the bytes, text and maps are each MBs
             doc = json.loads(text, parse_constant=reject_constant, object_pairs_hook=unique_object)
             check_strict_utf8(text, doc)
+            del text
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
             raise ArtifactError(f"{p}: not a valid JSON index ({str(e):.80})") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict) or \
@@ -203,16 +205,19 @@ class Artifact:
                  if t.spec is not None and t.spec.scale_bits is not None}
         # The sidecar maps are for loaders that follow the index (docs/FORMAT.md): each must
         # say what the manifest says. row_scale_map is there exactly when a tensor has codes.
-        maps = [("weight_map", {t.name: t.file for t in ts}, True),
-                ("scale_map", {t.name: sidecar_names(t.file)[0] for t in ts if t.quantized},
-                 False),
-                ("zero_point_map", {t.name: sidecar_names(t.file)[1] for t in ts if t.quantized},
-                 False),
-                ("row_scale_map", coded, bool(coded))]
-        for key, want, required in maps:
+        # Each expected map is built when it is compared, and a sidecar map is dropped once it
+        # has been: only the weight_map is kept (a map of 100,000 tensors is ~10 MB).
+        maps = [("weight_map", lambda: {t.name: t.file for t in ts}, True),
+                ("scale_map", lambda: {t.name: sidecar_names(t.file)[0] for t in ts
+                                       if t.quantized}, False),
+                ("zero_point_map", lambda: {t.name: sidecar_names(t.file)[1] for t in ts
+                                            if t.quantized}, False),
+                ("row_scale_map", lambda: coded, bool(coded))]
+        for key, make, required in maps:
             if key not in doc and not required:
                 continue
-            got = doc.get(key)
+            want = make()
+            got = doc.get(key) if key == "weight_map" else doc.pop(key, None)
             if not isinstance(got, dict):
                 what = "missing" if got is None else "not an object"
                 raise ArtifactError(f"{p}: {key} is {what}")
@@ -222,6 +227,7 @@ class Artifact:
                     f"{p}: {key} places tensor {name!r:.80} in {got.get(name)!r:.80}, "
                     f"the manifest in {want.get(name)!r:.80}"
                 )
+            del want, got
         return doc.get("metadata", {}), doc["weight_map"]
 
     # -- full verification (``qtool verify``) ----------------------------------------------

@@ -144,7 +144,7 @@ def _close_all(files: dict[Path, SafetensorsFile]) -> None:
         files.popitem()[1].close()
 
 
-def _read_index(p: Path) -> bytes:
+def _read_index(p: Path) -> bytearray:
     fd = _open_regular(p)
     try:
         size = os.fstat(fd).st_size
@@ -159,7 +159,7 @@ def _read_index(p: Path) -> bytes:
         if buf.count(b":") > 2 * _common.TENSOR_COUNT_LIMIT + 1000:
             raise CheckpointError(f"{p}: index lists more tensors than qtool's limit of "
                                   f"{_common.TENSOR_COUNT_LIMIT} per checkpoint")
-        return bytes(buf)
+        return buf  # not copied to bytes: an index may be MBs
     finally:
         os.close(fd)
 

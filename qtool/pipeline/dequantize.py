@@ -112,7 +112,10 @@ def _dequantize_run(src: Source, out: Path, dtype: str, jobs: int,
             assert m.index is not None
             metadata, weight_map = index
             doc = {"metadata": metadata, "weight_map": weight_map}
-            (stage.tmp / m.index).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            # json.dumps(doc, indent=2)'s bytes, written piece by piece, not as one text.
+            with open(stage.tmp / m.index, "w", encoding="utf-8") as f:
+                f.writelines(json.JSONEncoder(indent=2).iterencode(doc))
+                f.write("\n")
             stage.commit_dir()
         else:
             stage.commit_file(m.shards[0])
