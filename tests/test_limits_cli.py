@@ -191,3 +191,19 @@ def test_a_manifest_not_as_qtool_writes_it_is_bounded_too(tmp_path, monkeypatch)
     monkeypatch.setattr(_common, "TENSOR_COUNT_LIMIT", 6)
     # within the limit, the whole parse finds what is wrong: the bytes were changed
     assert_one_line_error(run("verify", art, expect=2), "different bytes than qtool writes")
+
+
+def test_a_real_header_over_the_cap_is_called_too_large_not_foreign(tmp_path, monkeypatch):
+    """A header beyond the cap that fits its file and opens a JSON object is a checkpoint too
+    large for qtool, not "not a safetensors file?"; the length itself is never echoed."""
+    names = [f"t{i}" for i in range(40)]
+    src = _file(tmp_path / "m.safetensors", names)
+    n = len(src.read_bytes()) - 8
+    monkeypatch.setattr(_common, "HEADER_SIZE_LIMIT", n - 1)
+    line = assert_one_line_error(run("report", src, expect=2), str(src),
+                                 f"exceeds the {n - 1}-byte limit; qtool's limit per checkpoint")
+    assert str(n) not in line.replace(str(src), "").replace(str(n - 1), "")
+    foreign = tmp_path / "x.bin"
+    foreign.write_bytes(n.to_bytes(8, "little") + b"\x00" * n)
+    line = assert_one_line_error(run("report", foreign, expect=2), str(foreign),
+                                 f"exceeds the {n - 1}-byte limit; not a safetensors file?")

@@ -108,9 +108,13 @@ class SafetensorsFile:
         (n,) = struct.unpack("<Q", prefix)
         if n > _common.HEADER_SIZE_LIMIT:
             # The value itself is not shown: the bytes of a file that fails validation are
-            # never echoed (it could be any file, not a checkpoint at all).
+            # never echoed (it could be any file, not a checkpoint at all). One that fits the
+            # file and opens a JSON object is likely a real, very large header.
+            big = n <= self.size - 8 and os.pread(self._fd, 1, 8) == b"{"
             raise self._fail(f"header length (first 8 bytes) exceeds the "
-                             f"{_common.HEADER_SIZE_LIMIT}-byte limit; not a safetensors file?")
+                             f"{_common.HEADER_SIZE_LIMIT}-byte limit; " + (
+                                 "qtool's limit per checkpoint (docs/SECURITY.md)" if big
+                                 else "not a safetensors file?"))
         if n > self.size - 8:
             raise self._fail(
                 f"header length (first 8 bytes) runs beyond the end of the file "
