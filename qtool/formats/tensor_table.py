@@ -12,7 +12,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import overload
+from typing import TypeVar, overload
 
 import numpy as np
 
@@ -77,7 +77,39 @@ class NameIndex:
         self._table, self._mask = table, mask
 
 
-class TensorTable(Sequence[TensorInfo]):
+T = TypeVar("T")
+
+
+class IndexedSequence(Sequence[T]):
+    """A read-only sequence whose items are made when read (:meth:`_at`, given an index in
+    range): indexing, slicing and equality with any sequence of equal items, as a list."""
+
+    __slots__ = ()
+
+    def _at(self, i: int) -> T:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._at(k) for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError("index out of range")
+        return self._at(i % len(self))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  (a sequence equal to a list: no hash)
+
+
+class TensorTable(IndexedSequence[TensorInfo]):
     """The tensors of one file, in data-offset order, as a read-only sequence of TensorInfo
     (each made when it is read; equal to, not the same object as, the one read before).
     Built with :meth:`add` in header order, then :meth:`seal`."""
@@ -179,35 +211,18 @@ class TensorTable(Sequence[TensorInfo]):
     def __len__(self) -> int:
         return len(self._names)
 
-    @overload
-    def __getitem__(self, i: int) -> TensorInfo: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[TensorInfo]: ...
-
-    def __getitem__(self, i: int | slice) -> TensorInfo | list[TensorInfo]:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError("tensor index out of range")
-        i %= len(self)
+    def _at(self, i: int) -> TensorInfo:
         return self._info(self._order[i] if self._order is not None else i)
 
     def __iter__(self) -> Iterator[TensorInfo]:
         for p in (self._order if self._order is not None else range(len(self._names))):
             yield self._info(p)
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return f"TensorTable({str(self.path)!r}, {len(self)} tensors)"
 
 
-class TensorChain(Sequence[TensorInfo]):
+class TensorChain(IndexedSequence[TensorInfo]):
     """Several files' tables as one sequence (a sharded checkpoint: shard by shard)."""
 
     __slots__ = ("_tables", "_starts")
@@ -223,17 +238,7 @@ class TensorChain(Sequence[TensorInfo]):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    @overload
-    def __getitem__(self, i: int) -> TensorInfo: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[TensorInfo]: ...
-
-    def __getitem__(self, i: int | slice) -> TensorInfo | list[TensorInfo]:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError("tensor index out of range")
-        i %= len(self)
+    def _at(self, i: int) -> TensorInfo:
         from bisect import bisect_right
 
         t = bisect_right(self._starts, i) - 1
@@ -242,10 +247,3 @@ class TensorChain(Sequence[TensorInfo]):
     def __iter__(self) -> Iterator[TensorInfo]:
         for t in self._tables:
             yield from t
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]

@@ -8,12 +8,12 @@ import re
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import overload
 
 from qtool.core.schemes import QuantSpec, SpecError
 from qtool.formats._common import FLOAT_CODES, TensorInfo
 from qtool.formats.manifest import TensorRecord
 from qtool.formats.shards import Checkpoint
+from qtool.formats.tensor_table import IndexedSequence
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TensorResult:
 Item = tuple[TensorInfo, QuantSpec | None, str | None]
 
 
-class PlanItems(Sequence[Item]):
+class PlanItems(IndexedSequence[Item]):
     """A plan's ``(info, spec, reason)`` per tensor, held compactly: the checkpoint's own
     TensorInfo sequence, and per tensor a 4-byte index into the few distinct ``(spec,
     reason)`` decisions (a tuple per tensor was 72 bytes: 14 MB for 200,000 tensors). The
@@ -93,14 +93,7 @@ class PlanItems(Sequence[Item]):
     def __len__(self) -> int:
         return len(self._codes)
 
-    @overload
-    def __getitem__(self, i: int) -> Item: ...
-    @overload
-    def __getitem__(self, i: slice) -> list[Item]: ...
-
-    def __getitem__(self, i: int | slice) -> Item | list[Item]:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
+    def _at(self, i: int) -> Item:
         spec, reason = self._decisions[self._codes[i]]
         return self._infos[i], spec, reason
 
@@ -109,13 +102,6 @@ class PlanItems(Sequence[Item]):
         for info, code in zip(self._infos, self._codes, strict=True):
             spec, reason = decisions[code]
             yield info, spec, reason
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  (mutable-looking sequence: no hash)
 
     def __repr__(self) -> str:
         return f"PlanItems({list(self)!r})"
