@@ -64,6 +64,17 @@ def _nothing_left(parent: Path, *outs: Path) -> None:
         assert not o.exists(), o
 
 
+def _refused_untouched(tmp_path: Path, command: str, art: Path, *fragments: str) -> None:
+    """``command`` on the artifact ``art`` exits 2 with one line holding ``fragments``,
+    changes nothing under ``tmp_path`` and leaves no output or temporary behind."""
+    before = snapshot(tmp_path)
+    out = tmp_path / "r.safetensors"
+    args = [command, art] + ([out] if command == "dequantize" else [])
+    assert_one_line_error(run(*args, expect=2), *fragments)
+    assert snapshot(tmp_path) == before
+    _nothing_left(tmp_path, out)
+
+
 # --------------------------------------------------------------------------- lone surrogates
 
 
@@ -101,11 +112,7 @@ def test_lone_surrogate_in_a_manifest_is_refused(tmp_path, command):
     art = _quantized(tmp_path)
     _edit_manifest(art, lambda t: t.replace('"name": "zeros.weight"',
                                             '"name": "zeros\\udc80weight"'))
-    before = snapshot(tmp_path)
-    args = [command, art] + ([tmp_path / "r.safetensors"] if command == "dequantize" else [])
-    assert_one_line_error(run(*args, expect=2), "qtool.json", "lone surrogate")
-    assert snapshot(tmp_path) == before
-    _nothing_left(tmp_path, tmp_path / "r.safetensors")
+    _refused_untouched(tmp_path, command, art, "qtool.json", "lone surrogate")
 
 
 def test_lone_surrogate_in_a_sharded_index_is_refused(tmp_path):
@@ -182,11 +189,7 @@ def test_duplicate_keys_in_a_version_1_manifest_are_refused(tmp_path, command):
     shutil.copytree(ROOT / "tests" / "fixtures" / "v1" / "art_asym4", art)
     run("verify", art, "-q")  # as written by qtool 0.1
     _edit_manifest(art, lambda t: t.replace('"bits": 4,', '"bits": 8, "bits": 4,', 1))
-    before = snapshot(tmp_path)
-    args = [command, art] + ([tmp_path / "r.safetensors"] if command == "dequantize" else [])
-    assert_one_line_error(run(*args, expect=2), "qtool.json", "duplicate key 'bits'")
-    assert snapshot(tmp_path) == before
-    _nothing_left(tmp_path, tmp_path / "r.safetensors")
+    _refused_untouched(tmp_path, command, art, "qtool.json", "duplicate key 'bits'")
 
 
 def test_duplicate_keys_in_an_artifact_index_are_refused(tmp_path):
@@ -282,9 +285,7 @@ def test_hostile_sizes_in_a_manifest_are_refused(tmp_path, key, value, fragment,
     assert key in rec
     rec[key] = value
     (art / "qtool.json").write_text(seal(doc))  # resealed: the values themselves are refused
-    args = [command, art] + ([tmp_path / "r.safetensors"] if command == "dequantize" else [])
-    assert_one_line_error(run(*args, expect=2), "qtool.json", fragment)
-    _nothing_left(tmp_path, tmp_path / "r.safetensors")
+    _refused_untouched(tmp_path, command, art, "qtool.json", fragment)
 
 
 def test_a_huge_target_bits_is_the_best_plan_not_a_crash(tmp_path):

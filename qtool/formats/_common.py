@@ -19,7 +19,7 @@ from qtool.core import bf16
 # The limits below are where docs/SECURITY.md's memory bound (2x the largest tensor as
 # float32 + 150 MB) still holds for every command, measured by bench/many_tensors.py at their
 # corners; each is far above what real checkpoints need (DeepSeek-V3: about 92 000 tensors
-# and 13 MB of headers over 163 shards; per file far less).
+# and an estimated 13 MB of headers over 163 shards; per file far less).
 
 HEADER_SIZE_LIMIT = 16 << 20
 """Largest accepted JSON header of one safetensors file, and of all of a checkpoint's files
